@@ -1,0 +1,23 @@
+# Two set-up commands: `make demo` (main job, offline, CPU) and `make test`. Both create .venv themselves.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/moecraft: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(BIN)/moecraft
+
+.PHONY: install demo test lint bench
+install: $(BIN)/moecraft
+
+demo: install
+	$(BIN)/moecraft demo
+
+test: install
+	$(BIN)/python -m pytest tests
+
+lint: install
+	$(BIN)/ruff check src tests bench

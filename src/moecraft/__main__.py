@@ -1,0 +1,5 @@
+import sys
+
+from moecraft.cli import main
+
+sys.exit(main())

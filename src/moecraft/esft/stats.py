@@ -1,0 +1,258 @@
+"""Router statistics over a sample of task data, and the ESFT expert relevance scores (ESFT §3.3).
+
+For every MoE layer l and routed expert i we accumulate over the sampled tokens t:
+  - ``gate_sum[l, i]  = sum_t g^l_{i,t}``  with g the routing weight of eq. 2 (zero unless i is in the
+    token's top-k), taken from the live router's output divided by the family's routed scaling factor,
+  - ``token_count[l, i] = sum_t 1(g^l_{i,t} > 0)``, i.e. how many tokens pick i in their top-k.
+From these (:class:`ExpertScores`):
+  - average gate score      (eq. 5)  g^l_i = gate_sum / N,
+  - token selection ratio   (eq. 6)  r^l_i = token_count / (N K)  (sums to 1 over i in each layer).
+The paper averages per sample then over samples; with its fixed-length packed samples (all of length
+``seq_len``) that equals the plain token mean used here.
+
+Statistics come from forward hooks on the router modules (several families never return router
+logits), only counting valid tokens (no padding; optionally only response tokens). Accumulators have
+a fixed size ``[layers, experts]``, so memory does not grow with the number of tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moecraft.errors import MoecraftError
+from moecraft.families import get_family, moe_layers, routing_spec
+
+FORMAT = "moecraft.scores/1"
+
+
+@dataclass
+class ScoreConfig:
+    """Options of ``moecraft score``: sample task data and gather router statistics."""
+
+    model: str = field(default="tiny:deepseek_v2", metadata={"help": "hub id, local folder, or tiny:<family>"})
+    data: str = field(default="builtin:intent", metadata={"help": "JSONL file, datasets folder, hub id or builtin:<task>"})
+    out: Path = field(default=Path("scores.json"), metadata={"help": "where to write the statistics (JSON)"})
+    n_sequences: int = field(default=32, metadata={"help": "number of packed sequences to sample (paper: 32)"})
+    seq_len: int = field(default=4096, metadata={"help": "tokens per packed sequence (paper: 4096)"})
+    batch_size: int = field(default=1, metadata={"help": "sequences per forward pass"})
+    seed: int = field(default=0, metadata={"help": "seed of the sample shuffle"})
+    response_only: bool = field(default=False, metadata={"help": "count only response tokens"})
+    dtype: str = field(default="auto", metadata={"help": "model dtype: auto, bfloat16, float32, ..."})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda, cuda:1, ..."})
+    limit: int | None = field(default=None, metadata={"help": "read at most this many records"})
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class ExpertScores:
+    """Accumulated router statistics of one model on one task sample; scores derive from them."""
+
+    model: str
+    family: str
+    layers: list[int]  # decoder-layer index of each row
+    num_experts: int
+    top_k: int
+    n_tokens: int
+    gate_sum: torch.Tensor  # float64 [len(layers), num_experts]
+    token_count: torch.Tensor  # float64 [len(layers), num_experts] (integer valued)
+    meta: dict = field(default_factory=dict)
+
+    def gate_scores(self) -> torch.Tensor:
+        """Average gate score g^l_i, ESFT eq. 5: mean over tokens of the routing weight."""
+        return self.gate_sum / self.n_tokens
+
+    def token_scores(self) -> torch.Tensor:
+        """Token selection ratio r^l_i, ESFT eq. 6: share of the N*K top-k slots that pick expert i."""
+        return self.token_count / (self.n_tokens * self.top_k)
+
+    def scores(self, kind: Literal["gate", "token"]) -> torch.Tensor:
+        if kind == "gate":
+            return self.gate_scores()
+        if kind == "token":
+            return self.token_scores()
+        raise MoecraftError(f"unknown score function '{kind}'; choose 'gate' or 'token'")
+
+    # JSON keeps float64 exactly (shortest repr round-trips), so save -> load is bit-exact.
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "model": self.model,
+            "family": self.family,
+            "layers": self.layers,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "n_tokens": self.n_tokens,
+            "gate_sum": self.gate_sum.tolist(),
+            "token_count": [[int(c) for c in row] for row in self.token_count.tolist()],
+            "gate_scores": self.gate_scores().tolist(),
+            "token_scores": self.token_scores().tolist(),
+            "meta": self.meta,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1, ensure_ascii=False) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExpertScores:
+        path = Path(path)
+        if not path.is_file():
+            raise MoecraftError(f"scores file not found: {path}")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise MoecraftError(f"{path}: not a valid JSON scores file ({exc.msg})") from exc
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise MoecraftError(f"{path}: not a moecraft scores file (expected format '{FORMAT}')")
+        gate_sum = torch.tensor(d["gate_sum"], dtype=torch.float64)
+        token_count = torch.tensor(d["token_count"], dtype=torch.float64)
+        shape = (len(d["layers"]), d["num_experts"])
+        if tuple(gate_sum.shape) != shape or tuple(token_count.shape) != shape:
+            raise MoecraftError(f"{path}: statistics shape {tuple(gate_sum.shape)} does not match {shape}")
+        return cls(
+            model=d["model"], family=d["family"], layers=list(d["layers"]), num_experts=d["num_experts"],
+            top_k=d["top_k"], n_tokens=d["n_tokens"], gate_sum=gate_sum, token_count=token_count,
+            meta=d.get("meta", {}),
+        )
+
+
+class RouterStatsCollector:
+    """Forward hooks on every router of a model that accumulate eq. 2 gate sums and top-k counts.
+
+    Set :attr:`valid` to a flat bool mask of the tokens of the next forward pass (``batch*seq``) to
+    exclude padding or prompt tokens; ``None`` counts all tokens.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.family = get_family(model)
+        self.layers = moe_layers(model)
+        self.spec = routing_spec(model)
+        n_layers, n_exp = len(self.layers), self.spec.num_experts
+        device = next(model.parameters()).device
+        self.gate_sum = torch.zeros(n_layers, n_exp, dtype=torch.float64, device=device)
+        self.token_count = torch.zeros(n_layers, n_exp, dtype=torch.float64, device=device)
+        self.n_tokens = 0
+        self.valid: torch.Tensor | None = None
+        self._handles: list = []
+
+    def __enter__(self) -> RouterStatsCollector:
+        for row, layer in enumerate(self.layers):
+            self._handles.append(layer.router.register_forward_hook(self._make_hook(row)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _make_hook(self, row: int):
+        k, scale = self.spec.top_k, self.spec.scaling_factor
+
+        def hook(_module, _inputs, output):
+            _, weights, indices = output  # transformers 5 routers: (logits, top-k weights, top-k indices)
+            flat = indices.reshape(-1)
+            gates = weights.reshape(-1).to(torch.float64) / scale
+            if self.valid is None:
+                counted = torch.ones_like(gates)
+            else:
+                if self.valid.numel() * k != flat.numel():
+                    raise RuntimeError(f"token mask has {self.valid.numel()} entries, router saw {flat.numel() // k}")
+                # weight by the mask instead of indexing with it: boolean indexing (and bincount) would
+                # force a device-to-host sync on every router call
+                counted = self.valid.to(torch.float64).repeat_interleave(k)
+                gates = gates * counted
+            self.gate_sum[row].scatter_add_(0, flat, gates)
+            self.token_count[row].scatter_add_(0, flat, counted)
+
+        return hook
+
+    def count_tokens(self, n: int) -> None:
+        self.n_tokens += n
+
+
+@torch.no_grad()
+def collect_router_stats(
+    model: nn.Module,
+    sequences: list[tuple[list[int], list[int]]],
+    batch_size: int = 1,
+    pad_token_id: int = 0,
+    model_name: str = "",
+    progress: bool = True,
+) -> ExpertScores:
+    """Run ``sequences`` (``(input_ids, count_mask)`` pairs) through ``model`` and accumulate statistics.
+
+    Only the decoder runs (no LM head: the vocabulary projection is not needed for routing).
+    """
+    if not sequences:
+        raise MoecraftError("no sequences to score")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    with RouterStatsCollector(model) as stats:
+        batches = range(0, len(sequences), batch_size)
+        for start in tqdm(batches, desc="scoring experts", unit="batch", disable=not progress):
+            chunk = sequences[start : start + batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+            attention = torch.zeros((len(chunk), width), dtype=torch.long)
+            count = torch.zeros((len(chunk), width), dtype=torch.bool)
+            for r, (ids, mask) in enumerate(chunk):
+                input_ids[r, : len(ids)] = torch.tensor(ids)
+                attention[r, : len(ids)] = 1
+                count[r, : len(ids)] = torch.tensor(mask, dtype=torch.bool)
+            stats.valid = count.reshape(-1).to(device)
+            decoder(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False)
+            stats.count_tokens(int(count.sum()))
+    model.train(was_training)
+    if stats.n_tokens == 0:
+        raise MoecraftError("the sample has no tokens to count")
+    return ExpertScores(
+        model=model_name or getattr(model.config, "_name_or_path", ""),
+        family=stats.family.name,
+        layers=[layer.index for layer in stats.layers],
+        num_experts=stats.spec.num_experts,
+        top_k=stats.spec.top_k,
+        n_tokens=stats.n_tokens,
+        gate_sum=stats.gate_sum.cpu(),
+        token_count=stats.token_count.cpu(),
+    )
+
+
+def score_experts(cfg: ScoreConfig, model: nn.Module | None = None, tokenizer=None) -> ExpertScores:
+    """``moecraft score``: sample the task data (§3.3), gather router statistics, save them to ``cfg.out``.
+
+    Pass an already loaded ``model``/``tokenizer`` to skip loading ``cfg.model``.
+    """
+    from moecraft.data import load_records, sample_sequences
+    from moecraft.models import load_model
+    from moecraft.runinfo import run_info, seed_everything
+
+    seed_everything(cfg.seed)
+    if cfg.n_sequences < 1 or cfg.seq_len < 2 or cfg.batch_size < 1:
+        raise MoecraftError("n_sequences and batch_size must be >= 1 and seq_len >= 2")
+    if model is None or tokenizer is None:
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device), seed=cfg.seed)
+    get_family(model)  # unsupported models fail before any data work
+    records = load_records(cfg.data, limit=cfg.limit)
+    sequences = sample_sequences(records, tokenizer, cfg.n_sequences, cfg.seq_len, cfg.seed, cfg.response_only)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scores = collect_router_stats(model, sequences, cfg.batch_size, pad, model_name=cfg.model)
+    scores.meta = {"data": cfg.data, "n_sequences": len(sequences), **run_info(cfg)}
+    if cfg.out:
+        scores.save(cfg.out)
+    return scores
