@@ -22,6 +22,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 from moecraft.errors import MoecraftError
@@ -66,6 +67,7 @@ def _dense_tiny_configs():
         "llama": lambda v: LlamaConfig(vocab_size=v, **common),
         "mistral": lambda v: MistralConfig(vocab_size=v, **common),
         "qwen2": lambda v: Qwen2Config(vocab_size=v, **common),
+        "qwen3": lambda v: Qwen3Config(vocab_size=v, head_dim=16, **common),
     }
 
 

@@ -4,6 +4,9 @@ The training loop (:mod:`moecraft.train`) is method-agnostic: it asks the method
 (freeze, wrap, add adapters), to name the parameters the optimiser gets, for any extra loss term
 (PESC's load-balancing loss), and to save/load the artifact (only what was trained).
 Adding a method is one module here that defines ``METHOD`` and one line in ``_MODULES``.
+
+Optional hooks a method may define: ``load_base(cfg, device) -> (model, tokenizer)`` to load its base
+itself (PESC: 4-bit QLoRA), and ``merge(model)`` to fold what was trained into plain weights.
 """
 
 from __future__ import annotations

@@ -1,0 +1,45 @@
+"""Export a PESC artifact (on its dense base) as a self-contained checkpoint for AutoModelForCausalLM.
+
+Formats: `mixtral` (LoRA expert kind on a Llama/Mistral base: a plain Mixtral checkpoint, no custom
+code, loadable by stock transformers and vLLM) and `custom` (any kind: the crafted weights plus a
+`modeling_pesc.py`, load with `trust_remote_code=True`). `auto` picks mixtral for the LoRA kind when
+the base fits, else custom. Base-model LoRA is merged in both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from moecraft.errors import MoecraftError
+
+
+@dataclass
+class ExportConfig:
+    artifact: str = field(metadata={"help": "PESC artifact folder (from craft / train --method pesc)"})
+    output: str = field(metadata={"help": "folder for the exported checkpoint"})
+    model: str | None = field(default=None, metadata={"help": "dense base (default: the one in the artifact)"})
+    format: Literal["auto", "mixtral", "custom"] = field(default="auto", metadata={"help": "checkpoint format"})
+    dtype: str = field(default="auto", metadata={"help": "base dtype when loading"})
+
+
+CONFIG = ExportConfig
+
+
+def run(cfg: ExportConfig) -> int:
+    from moecraft.models import load_model
+    from moecraft.pesc.craft import load_artifact, read_config
+    from moecraft.pesc.export import export_model
+    from moecraft.runinfo import write_run_info
+
+    ccfg = read_config(cfg.artifact)
+    base = cfg.model or ccfg.model
+    if not base:
+        raise MoecraftError("export: no --model given and the artifact names no base model")
+    model, tok = load_model(base, dtype=cfg.dtype, seed=ccfg.seed)
+    load_artifact(model, cfg.artifact)
+    out = export_model(model, cfg.output, cfg.format, tokenizer=tok)
+    write_run_info(out / "moecraft_run_info.json", cfg)
+    remote = (out / "modeling_pesc.py").is_file()
+    print(f"exported to {out} ({'custom code: load with trust_remote_code=True' if remote else 'Mixtral'})")
+    return 0

@@ -1,0 +1,64 @@
+"""Generate text from a model, optionally with a trained artifact loaded onto it (greedy by default).
+
+`--model` is the base (tiny:<kind>, folder, hub id) or an exported checkpoint; `--artifact` an artifact
+folder of `--method` (default pesc) to load onto the base. The prompt goes through the chat template
+as one user turn unless `--chat false`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moecraft.errors import MoecraftError
+
+
+@dataclass
+class GenerateConfig:
+    prompt: str = field(metadata={"help": "prompt text"})
+    model: str = field(default="tiny:llama", metadata={"help": "base model or exported checkpoint"})
+    artifact: str | None = field(default=None, metadata={"help": "artifact folder to load onto the base"})
+    method: str = field(default="pesc", metadata={"help": "training method that wrote the artifact"})
+    max_new_tokens: int = field(default=128, metadata={"help": "tokens to generate"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy; > 0 samples"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (when sampling)"})
+    chat: bool = field(default=True, metadata={"help": "wrap the prompt in the chat template"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow custom code (PESC adapter exports)"})
+    dtype: str = field(default="auto", metadata={"help": "model dtype"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+
+
+CONFIG = GenerateConfig
+
+
+def load_for_generation(cfg: GenerateConfig):
+    import torch
+
+    from moecraft.models import load_model, load_tokenizer, resolve_dtype
+
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.trust_remote_code and not cfg.model.startswith("tiny:"):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=resolve_dtype(cfg.dtype), trust_remote_code=True)
+        model, tok = model.to(device).eval(), load_tokenizer(cfg.model)
+    else:
+        try:
+            model, tok = load_model(cfg.model, dtype=cfg.dtype, device=device, seed=cfg.seed)
+        except ValueError as exc:
+            if "trust_remote_code" in str(exc):
+                raise MoecraftError(f"{cfg.model} needs custom code: add --trust-remote-code") from exc
+            raise
+    if cfg.artifact:
+        from moecraft.methods import get_method
+
+        model = get_method(cfg.method).load(model, cfg.artifact).to(device).eval()
+    return model, tok
+
+
+def run(cfg: GenerateConfig) -> int:
+    from moecraft.pesc.generate import generate
+
+    model, tok = load_for_generation(cfg)
+    print(generate(model, tok, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.chat, cfg.seed))
+    return 0

@@ -1,0 +1,121 @@
+"""ESFT (paper §3.3): train only the routed experts chosen by ``moecraft select`` (eq. 8), really sparsely.
+
+The experts of each listed layer are split by :mod:`moecraft.esft.sparse` into a trainable [S, ...] part and
+a frozen part with no gradient. Paper §6.3 / Table 3 options: ``train_shared_experts`` also trains the
+shared experts, ``train_non_expert_modules`` also trains attention, norms, embeddings, routers and dense
+layers (both default to the expert config's values). Routed experts not selected are never trained.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from moecraft.artifacts import TENSORS, apply_tensors, read_tensors, save_tensors
+from moecraft.errors import MoecraftError
+from moecraft.esft.sparse import SparseExperts, apply_sparse_experts, sparse_modules
+from moecraft.families import get_family, moe_layers
+from moecraft.methods import ExtraLoss, trainable_param_groups
+
+EXPERT_CONFIG = "expert_config.json"
+
+
+def read_expert_config(path: str | Path) -> dict:
+    """The expert config JSON written by ``moecraft select`` (checked for the fields ESFT needs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoecraftError(f"expert config not found: {path} (write one with `moecraft select`)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MoecraftError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("experts"), dict):
+        raise MoecraftError(f"{path}: not an expert config (no 'experts' mapping of layer -> expert ids)")
+    try:
+        data["experts"] = {int(k): [int(i) for i in v] for k, v in data["experts"].items()}
+    except (TypeError, ValueError) as exc:
+        raise MoecraftError(f"{path}: 'experts' must map layer indices to lists of expert ids") from exc
+    data["_path"] = str(path)
+    return data
+
+
+def check_expert_config(ec: dict, model: nn.Module) -> None:
+    family = get_family(model).name
+    where = ec.get("_path", "expert config")
+    if ec.get("family") and ec["family"] != family:
+        raise MoecraftError(f"{where}: written for family '{ec['family']}', the model is '{family}'")
+    n = moe_layers(model)[0].experts.num_experts
+    if ec.get("num_experts") not in (None, n):
+        raise MoecraftError(f"{where}: written for {ec['num_experts']} experts per layer, the model has {n}")
+    if not any(ec["experts"].values()):
+        raise MoecraftError(f"{where}: selects no experts at all; nothing to train")
+
+
+class ESFT:
+    name = "esft"
+    default_lr = 1e-5  # paper §4.1
+
+    def prepare(self, model: nn.Module, cfg: Any) -> nn.Module:
+        if not getattr(cfg, "experts", None):
+            raise MoecraftError("--method esft needs --experts (an expert config from `moecraft select`)")
+        ec = read_expert_config(cfg.experts)
+        check_expert_config(ec, model)
+        shared = ec.get("train_shared_experts", False) if cfg.train_shared_experts is None else cfg.train_shared_experts
+        non_expert = (ec.get("train_non_expert_modules", False) if cfg.train_non_expert_modules is None
+                      else cfg.train_non_expert_modules)
+        layers = moe_layers(model)
+        model.requires_grad_(False)
+        if non_expert:
+            model.requires_grad_(True)
+            for layer in layers:  # routed and shared experts are not "non-expert modules"
+                layer.experts.requires_grad_(False)
+                for _, mod in layer.shared:
+                    mod.requires_grad_(False)
+        if shared:
+            for layer in layers:
+                for _, mod in layer.shared:
+                    mod.requires_grad_(True)
+        apply_sparse_experts(model, ec["experts"])  # trainable parts require grad, frozen parts do not
+        model._moecraft_expert_config = ec
+        return model
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        return trainable_param_groups(model, weight_decay)
+
+    def extra_loss(self, model: nn.Module) -> ExtraLoss:
+        return ExtraLoss(None, {})
+
+    def save(self, model: nn.Module, out_dir: Path, cfg: Any) -> None:
+        out_dir = Path(out_dir)
+        sparse = sparse_modules(model)
+        inside = {id(p) for m in sparse.values() for p in m.parameters()}
+        tensors, rows = {}, {}
+        for path, m in sparse.items():
+            for pname in m.param_names:
+                key = f"{path}.{pname}"
+                tensors[key] = getattr(m.trainable, pname)
+                rows[key] = list(m.expert_ids)
+        for name, p in model.named_parameters():
+            if p.requires_grad and id(p) not in inside:
+                tensors[name] = p
+        save_tensors(out_dir / TENSORS, tensors, rows)
+        ec = getattr(model, "_moecraft_expert_config", None)
+        if ec is not None and Path(ec["_path"]).resolve() != (out_dir / EXPERT_CONFIG).resolve():
+            shutil.copyfile(ec["_path"], out_dir / EXPERT_CONFIG)
+
+    def load(self, base_model: nn.Module, artifact_dir: Path) -> nn.Module:
+        if any(isinstance(m, SparseExperts) for m in base_model.modules()):
+            raise MoecraftError("load ESFT artifacts onto a plain base model, not a wrapped one")
+        tensors, rows = read_tensors(Path(artifact_dir) / TENSORS)
+        apply_tensors(base_model, tensors, rows, str(artifact_dir))
+        return base_model
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return model  # ESFT writes the trained experts into the fused tensors: load is already merged
+
+
+METHOD = ESFT()

@@ -1,0 +1,73 @@
+"""``TrainConfig``: one dataclass for ``moecraft train`` (CLI, YAML and Python), all methods included."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+def _h(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class TrainConfig:
+    model: str = field(metadata=_h("base model: hub id, local folder or tiny:<family>"))
+    data: str = field(metadata=_h("training data: JSONL, datasets folder, hub id or builtin:<task>"))
+    out: str = field(metadata=_h("output folder (artifact, configs, metrics, checkpoints)"))
+    method: Literal["esft", "fft", "lora", "pesc"] = field(default="esft", metadata=_h("training method"))
+    # --- ESFT
+    experts: str | None = field(default=None, metadata=_h("ESFT: expert config JSON from `moecraft select`"))
+    train_shared_experts: bool | None = field(
+        default=None, metadata=_h("ESFT: also train shared experts (paper §6.3); default: the expert config's"))
+    train_non_expert_modules: bool | None = field(
+        default=None, metadata=_h("ESFT: also train non-expert modules (paper §6.3); default: the expert config's"))
+    # --- LoRA
+    lora_r: int = field(default=8, metadata=_h("LoRA rank"))
+    lora_alpha: int = field(default=16, metadata=_h("LoRA alpha"))
+    lora_dropout: float = field(default=0.0, metadata=_h("LoRA dropout"))
+    lora_experts: bool = field(default=False, metadata=_h("LoRA: also adapt the fused routed-expert tensors"))
+    # --- PESC (read by moecraft.methods.pesc; None = the CraftConfig default, i.e. the paper's)
+    pesc_expert: Literal["adapter", "lora"] | None = field(
+        default=None, metadata=_h("PESC: expert kind, adapter (default) or lora (MixLoRA, exports as Mixtral)"))
+    pesc_num_experts: int | None = field(default=None, metadata=_h("PESC: experts per crafted layer (default 8)"))
+    pesc_top_k: int | None = field(default=None, metadata=_h("PESC: experts per token (default 2)"))
+    pesc_adapter_dim: int | None = field(default=None, metadata=_h("PESC: adapter dim / expert LoRA rank (default 512)"))
+    pesc_scaling: float | None = field(default=None, metadata=_h("PESC: expert output scaling s (default 0.25)"))
+    pesc_dropout: float | None = field(default=None, metadata=_h("PESC: dropout on the expert input (default 0)"))
+    pesc_layers: list[int] | None = field(default=None, metadata=_h("PESC: decoder layers to craft (default all)"))
+    pesc_aux_loss_coef: float | None = field(
+        default=None, metadata=_h("PESC: load-balancing loss coefficient (default 0.01)"))
+    pesc_lora_rank: int | None = field(default=None, metadata=_h("PESC: LoRA rank on attention (default 0 = off)"))
+    pesc_quantize: Literal["auto", "none", "nf4"] | None = field(
+        default=None, metadata=_h("PESC: nf4 = QLoRA 4-bit base (CUDA + bitsandbytes); auto = nf4 if available"))
+    # --- data
+    eval_data: str | None = field(
+        default=None, metadata=_h("held-out data; default: builtin:<task>:eval, else eval_fraction of --data"))
+    eval_fraction: float = field(default=0.05, metadata=_h("share of --data held out when no eval data is given"))
+    eval_sequences: int = field(default=8, metadata=_h("packed sequences in the eval set"))
+    mix_data: str | None = field(default=None, metadata=_h("second (alignment) data set mixed into training"))
+    mix_ratio: float = field(default=0.5, metadata=_h("share of training sequences from --mix-data (paper 1:1 = 0.5)"))
+    max_records: int | None = field(default=None, metadata=_h("use at most this many records per data set"))
+    seq_len: int = field(default=4096, metadata=_h("packed sequence length (paper 4096)"))
+    # --- optimisation
+    max_steps: int = field(default=500, metadata=_h("optimiser steps"))
+    batch_size: int = field(default=1, metadata=_h("sequences per micro-batch"))
+    grad_accum: int = field(default=1, metadata=_h("micro-batches per optimiser step"))
+    lr: float | None = field(default=None, metadata=_h("learning rate; default: the method's paper value"))
+    weight_decay: float = field(default=0.0, metadata=_h("AdamW weight decay (matrices only)"))
+    adam_beta1: float = field(default=0.9, metadata=_h("AdamW beta1"))
+    adam_beta2: float = field(default=0.999, metadata=_h("AdamW beta2"))
+    warmup_steps: int = field(default=0, metadata=_h("linear warmup steps"))
+    schedule: Literal["cosine", "linear", "constant"] = field(default="cosine", metadata=_h("lr schedule after warmup"))
+    min_lr_ratio: float = field(default=0.0, metadata=_h("final lr as a share of the peak (cosine/linear)"))
+    max_grad_norm: float = field(default=1.0, metadata=_h("gradient clipping (0 = off)"))
+    gradient_checkpointing: bool = field(default=False, metadata=_h("recompute activations in backward"))
+    dtype: str = field(default="auto", metadata=_h("model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"))
+    seed: int = field(default=0, metadata=_h("seed of data order, init and dropout"))
+    # --- bookkeeping
+    eval_every: int = field(default=0, metadata=_h("eval loss every N steps (0 = only at the end)"))
+    save_every: int = field(default=0, metadata=_h("checkpoint every N steps (0 = no checkpoints)"))
+    log_every: int = field(default=1, metadata=_h("write metrics every N steps"))
+    resume: bool = field(default=False, metadata=_h("continue from the checkpoint in --out"))
+    progress: bool = field(default=True, metadata=_h("show a progress bar"))

@@ -1,0 +1,144 @@
+"""PESC crafting on tiny Llama / Mistral / Qwen2 (+ Qwen3): step-0 equivalence, training touches only
+trainable tensors, save -> load round trip, the training-method integration and the CLI."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moecraft.cli import main
+from moecraft.errors import MoecraftError
+from moecraft.methods import get_method
+from moecraft.models import byte_tokenizer, tiny_model
+from moecraft.pesc import CraftConfig, craft_model, generate, load_artifact, pesc_layers, save_artifact
+from moecraft.pesc.craft import WEIGHTS
+
+KINDS = ["llama", "mistral", "qwen2"]
+
+
+def _ids(seed=0):
+    return torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def _qwen3():
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    tok = byte_tokenizer()
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "qwen3"])
+@pytest.mark.parametrize("expert", ["adapter", "lora"])
+def test_crafted_equals_dense_at_step0(kind, expert):
+    model = _qwen3() if kind == "qwen3" else tiny_model(kind)
+    ids = _ids()
+    with torch.no_grad():
+        dense = model(ids).logits
+        craft_model(model, CraftConfig(expert=expert, num_experts=4, top_k=2, adapter_dim=8))
+        crafted = model(ids).logits
+    layers = pesc_layers(model)
+    assert [i for i, _ in layers] == [0, 1]
+    # The FFN is shared by reference, not copied.
+    assert sum(p.numel() for n, p in model.named_parameters() if ".mlp.ffn." in n) == 2 * 3 * 64 * 128
+    if expert == "adapter":
+        assert torch.equal(crafted, dense)  # y + sum_k w_k * 0 is y exactly
+    else:  # sum_k w_k h with sum_k w_k = 1 up to rounding
+        torch.testing.assert_close(crafted, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_options_are_named():
+    model = tiny_model("llama")
+    with pytest.raises(MoecraftError, match="top_k"):
+        craft_model(model, CraftConfig(num_experts=2, top_k=3))
+    with pytest.raises(MoecraftError, match="out of range"):
+        craft_model(model, CraftConfig(layers=[5]))
+    with pytest.raises(MoecraftError, match="model_type"):
+        craft_model(tiny_model("mixtral"), CraftConfig())
+
+
+def _train(model, cfg, steps=3):
+    method = get_method("pesc")
+    model = method.prepare(model, cfg)
+    model.train()
+    opt = torch.optim.AdamW(method.param_groups(model, 0.01), lr=1e-2)
+    for step in range(steps):
+        ids = _ids(step)
+        out = model(ids, labels=ids)
+        extra = method.extra_loss(model)
+        (out.loss + extra.loss).backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval(), extra
+
+
+@pytest.mark.parametrize("kind,expert", [("llama", "adapter"), ("mistral", "lora"), ("qwen2", "adapter")])
+def test_training_changes_only_trainable_tensors_and_round_trips(kind, expert, tmp_path):
+    cfg = CraftConfig(expert=expert, num_experts=4, top_k=2, adapter_dim=4, lora_rank=4, lora_dropout=0.0,
+                      layers=[1], aux_loss_coef=0.01)
+    model = tiny_model(kind)
+    craft_model(model, cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model, extra = _train(model, cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".router." in n or ".experts." in n or ".lora_" in n for n in trainable)
+    assert any(".lora_A." in n for n in trainable) and any(".router." in n for n in trainable)
+    for n, p in model.named_parameters():
+        if n in trainable:
+            assert not torch.equal(p, before[n]), f"{n} did not train"
+        else:
+            assert torch.equal(p, before[n]), f"frozen {n} changed"
+    assert 1.0 <= extra.logs["aux_loss"] <= 4.0  # E * sum f P lies in [1, E]
+    assert sum(extra.logs[f"usage/l1/e{j}"] for j in range(4)) == pytest.approx(1.0)
+
+    get_method("pesc").save(model, tmp_path / "art", cfg)
+    saved = load_file(str(tmp_path / "art" / WEIGHTS))
+    assert set(saved) == trainable  # only routers, experts and LoRA are saved
+    assert (tmp_path / "art" / "run_info.json").is_file()
+    loaded = get_method("pesc").load(tiny_model(kind), tmp_path / "art").eval()
+    ids = _ids(9)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_load_onto_wrong_base_fails(tmp_path):
+    model = craft_model(tiny_model("llama"), CraftConfig(num_experts=2, top_k=1, adapter_dim=4))
+    save_artifact(model, tmp_path)
+    with pytest.raises(MoecraftError, match="different base"):
+        load_artifact(tiny_model("qwen2"), tmp_path)
+
+
+def test_cli_craft_then_generate_matches_python(tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(["craft", "--model", "tiny:mistral", "--output", str(out), "--num-experts", "4",
+                 "--adapter-dim", "4", "--layers", "0"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", "tiny:mistral", "--artifact", str(out), "--prompt", "hi",
+                 "--max-new-tokens", "6"]) == 0
+    text = capsys.readouterr().out
+    model = load_artifact(tiny_model("mistral"), out)
+    assert text == generate(model, byte_tokenizer(), "hi", max_new_tokens=6) + "\n"
+    assert [i for i, _ in pesc_layers(model)] == [0]
+
+
+def test_qlora_request_without_cuda_is_a_clear_error_or_skip():
+    from moecraft.pesc.craft import load_base, qlora_available
+
+    if qlora_available():
+        pytest.skip("CUDA + bitsandbytes present: the NF4 path is exercised on GPU machines")
+    with pytest.raises(MoecraftError, match="bitsandbytes"):
+        load_base(CraftConfig(model="tiny:llama", quantize="nf4"))
+    model, _ = load_base(CraftConfig(model="tiny:llama", quantize="auto"))  # falls back to full precision
+    assert model.dtype == torch.float32
+
+
+def test_train_config_options_reach_crafting():
+    from types import SimpleNamespace
+
+    from moecraft.methods.pesc import craft_config_from
+
+    cfg = craft_config_from(SimpleNamespace(model="tiny:qwen2", seed=3, pesc_num_experts=6, pesc_expert="lora"))
+    assert (cfg.model, cfg.seed, cfg.num_experts, cfg.expert, cfg.top_k) == ("tiny:qwen2", 3, 6, "lora", 2)
+    model = get_method("pesc").prepare(tiny_model("qwen2"), SimpleNamespace(pesc={"num_experts": 3, "top_k": 1}))
+    assert {m.num_experts for _, m in pesc_layers(model)} == {3}
