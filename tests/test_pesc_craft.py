@@ -105,8 +105,10 @@ def test_training_changes_only_trainable_tensors_and_round_trips(kind, expert, t
 def test_load_onto_wrong_base_fails(tmp_path):
     model = craft_model(tiny_model("llama"), CraftConfig(num_experts=2, top_k=1, adapter_dim=4))
     save_artifact(model, tmp_path)
-    with pytest.raises(MoecraftError, match="different base"):
+    with pytest.raises(MoecraftError, match="wrong base model .family mismatch"):
         load_artifact(tiny_model("qwen2"), tmp_path)
+    with pytest.raises(MoecraftError, match="wrong base model .weights mismatch"):  # same config, other weights
+        load_artifact(tiny_model("llama", seed=1), tmp_path)
 
 
 def test_cli_craft_then_generate_matches_python(tmp_path, capsys):

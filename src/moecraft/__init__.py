@@ -22,6 +22,11 @@ _LAZY = {
     "tiny_model": "moecraft.models",
     "load_records": "moecraft.data",
     "get_family": "moecraft.families",
+    "TrainConfig": "moecraft.train",
+    "load_artifact": "moecraft.artifacts",
+    "merge_artifact": "moecraft.artifacts",
+    "craft_model": "moecraft.pesc",
+    "CraftConfig": "moecraft.pesc",
 }
 
 

@@ -8,7 +8,6 @@ layers (both default to the expert config's values). Routed experts not selected
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from torch import nn
 
 from moecraft.artifacts import TENSORS, apply_tensors, read_tensors, save_tensors
 from moecraft.errors import MoecraftError
+from moecraft.esft.selection import ExpertConfig
 from moecraft.esft.sparse import SparseExperts, apply_sparse_experts, sparse_modules
 from moecraft.families import get_family, moe_layers
 from moecraft.methods import ExtraLoss, trainable_param_groups
@@ -24,34 +24,19 @@ from moecraft.methods import ExtraLoss, trainable_param_groups
 EXPERT_CONFIG = "expert_config.json"
 
 
-def read_expert_config(path: str | Path) -> dict:
-    """The expert config JSON written by ``moecraft select`` (checked for the fields ESFT needs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MoecraftError(f"expert config not found: {path} (write one with `moecraft select`)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise MoecraftError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("experts"), dict):
-        raise MoecraftError(f"{path}: not an expert config (no 'experts' mapping of layer -> expert ids)")
-    try:
-        data["experts"] = {int(k): [int(i) for i in v] for k, v in data["experts"].items()}
-    except (TypeError, ValueError) as exc:
-        raise MoecraftError(f"{path}: 'experts' must map layer indices to lists of expert ids") from exc
-    data["_path"] = str(path)
-    return data
-
-
-def check_expert_config(ec: dict, model: nn.Module) -> None:
+def check_expert_config(ec: ExpertConfig, model: nn.Module, where: str) -> None:
+    """The expert config must be for this model's family, expert count and MoE layers."""
     family = get_family(model).name
-    where = ec.get("_path", "expert config")
-    if ec.get("family") and ec["family"] != family:
-        raise MoecraftError(f"{where}: written for family '{ec['family']}', the model is '{family}'")
-    n = moe_layers(model)[0].experts.num_experts
-    if ec.get("num_experts") not in (None, n):
-        raise MoecraftError(f"{where}: written for {ec['num_experts']} experts per layer, the model has {n}")
-    if not any(ec["experts"].values()):
+    if ec.family and ec.family != family:
+        raise MoecraftError(f"{where}: written for family '{ec.family}', the model is '{family}'")
+    layers = moe_layers(model)
+    n = layers[0].experts.num_experts
+    if ec.num_experts and ec.num_experts != n:
+        raise MoecraftError(f"{where}: written for {ec.num_experts} experts per layer, the model has {n}")
+    bad = sorted(set(ec.experts) - {layer.index for layer in layers})
+    if bad:
+        raise MoecraftError(f"{where}: layers {bad} are not MoE layers of this model ({[m.index for m in layers]})")
+    if not any(ec.experts.values()):
         raise MoecraftError(f"{where}: selects no experts at all; nothing to train")
 
 
@@ -62,11 +47,10 @@ class ESFT:
     def prepare(self, model: nn.Module, cfg: Any) -> nn.Module:
         if not getattr(cfg, "experts", None):
             raise MoecraftError("--method esft needs --experts (an expert config from `moecraft select`)")
-        ec = read_expert_config(cfg.experts)
-        check_expert_config(ec, model)
-        shared = ec.get("train_shared_experts", False) if cfg.train_shared_experts is None else cfg.train_shared_experts
-        non_expert = (ec.get("train_non_expert_modules", False) if cfg.train_non_expert_modules is None
-                      else cfg.train_non_expert_modules)
+        ec = ExpertConfig.load(cfg.experts)  # validates ids (range, repeats)
+        check_expert_config(ec, model, str(cfg.experts))
+        shared = ec.train_shared_experts if cfg.train_shared_experts is None else cfg.train_shared_experts
+        non_expert = ec.train_non_expert_modules if cfg.train_non_expert_modules is None else cfg.train_non_expert_modules
         layers = moe_layers(model)
         model.requires_grad_(False)
         if non_expert:
@@ -79,8 +63,8 @@ class ESFT:
             for layer in layers:
                 for _, mod in layer.shared:
                     mod.requires_grad_(True)
-        apply_sparse_experts(model, ec["experts"])  # trainable parts require grad, frozen parts do not
-        model._moecraft_expert_config = ec
+        apply_sparse_experts(model, ec.experts)  # trainable parts require grad, frozen parts do not
+        model._moecraft_expert_config_path = Path(cfg.experts)
         return model
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
@@ -103,9 +87,9 @@ class ESFT:
             if p.requires_grad and id(p) not in inside:
                 tensors[name] = p
         save_tensors(out_dir / TENSORS, tensors, rows)
-        ec = getattr(model, "_moecraft_expert_config", None)
-        if ec is not None and Path(ec["_path"]).resolve() != (out_dir / EXPERT_CONFIG).resolve():
-            shutil.copyfile(ec["_path"], out_dir / EXPERT_CONFIG)
+        ec_path = getattr(model, "_moecraft_expert_config_path", None)
+        if ec_path is not None and ec_path.resolve() != (out_dir / EXPERT_CONFIG).resolve():
+            shutil.copyfile(ec_path, out_dir / EXPERT_CONFIG)
 
     def load(self, base_model: nn.Module, artifact_dir: Path) -> nn.Module:
         if any(isinstance(m, SparseExperts) for m in base_model.modules()):

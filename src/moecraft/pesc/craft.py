@@ -2,7 +2,7 @@
 
 Artifact folder: ``pesc_weights.safetensors`` (routers, experts and base-LoRA weights only, under
 their names in the crafted model), ``pesc_config.yaml`` (the :class:`CraftConfig`),
-``base_fingerprint.json`` (:func:`moecraft.models.model_fingerprint` of the dense base) and
+``base_fingerprint.json`` (:func:`moecraft.artifacts.base_fingerprint` of the dense base) and
 ``run_info.json``.
 """
 
@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from moecraft.artifacts import base_fingerprint, check_base
 from moecraft.config import dump_yaml, load_yaml
 from moecraft.errors import MoecraftError
 from moecraft.pesc.arch import decoder_layers, dense_arch
@@ -140,14 +141,6 @@ def save_artifact(model: nn.Module, out_dir: str | Path, cfg: CraftConfig | None
     return out
 
 
-def base_fingerprint(model: nn.Module) -> dict:
-    from moecraft.models import model_fingerprint
-
-    fp = model_fingerprint(model)
-    fp.pop("name_or_path", None)  # the same weights may live at another path
-    return fp
-
-
 def read_config(artifact_dir: str | Path) -> CraftConfig:
     path = Path(artifact_dir) / CONFIG
     if not path.is_file():
@@ -161,10 +154,7 @@ def load_artifact(base_model: nn.Module, artifact_dir: str | Path) -> nn.Module:
     cfg = read_config(artifact)
     fp_path = artifact / FINGERPRINT
     if fp_path.is_file():
-        want, have = json.loads(fp_path.read_text()), base_fingerprint(base_model)
-        want.pop("name_or_path", None)
-        if want != have:
-            raise MoecraftError(f"{artifact}: crafted from a different base ({want}); this base is {have}")
+        check_base(json.loads(fp_path.read_text()), base_model, str(artifact))
     weights = artifact / WEIGHTS
     if not weights.is_file():
         raise MoecraftError(f"{artifact}: missing {WEIGHTS}")
