@@ -109,3 +109,15 @@ def test_bad_scores_file_is_a_clear_error(tmp_path):
         ExpertScores.load(tmp_path / "bad.json")
     with pytest.raises(MoecraftError, match="not found"):
         ExpertScores.load(tmp_path / "missing.json")
+
+
+def test_sample_seed_changes_the_sample_not_the_model(tmp_path):
+    """The seed shuffles the data only: with a single record every seed gives the same sample, so the
+    statistics can only differ if the model did (tiny:<family> models must not depend on it)."""
+    from moecraft.esft.stats import ScoreConfig, score_experts
+
+    data = tmp_path / "one.jsonl"
+    data.write_text('{"text": "the same single record for every seed"}\n')
+    a, b = (score_experts(ScoreConfig(model="tiny:mixtral", data=str(data), n_sequences=1, seq_len=64, seed=s,
+                                      out="")) for s in (0, 1))
+    assert torch.equal(a.gate_sum, b.gate_sum) and torch.equal(a.token_count, b.token_count)

@@ -130,8 +130,9 @@ def write_manifest(out_dir: Path, *, method: str, base: str, fingerprint: dict, 
 
 
 def _is_artifact_file(root: Path, p: Path) -> bool:
+    """Trained weights: top-level safetensors (ESFT/FFT ``trained``, PESC ``pesc_weights``) or peft's adapter/."""
     rel = p.relative_to(root).parts
-    return rel[0] == TENSORS or rel[0] == "adapter"
+    return (len(rel) == 1 and p.suffix == ".safetensors") or rel[0] == "adapter"
 
 
 def read_manifest(artifact_dir: str | Path) -> dict:

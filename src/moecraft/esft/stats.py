@@ -246,7 +246,8 @@ def score_experts(cfg: ScoreConfig, model: nn.Module | None = None, tokenizer=No
     if cfg.n_sequences < 1 or cfg.seq_len < 2 or cfg.batch_size < 1:
         raise MoecraftError("n_sequences and batch_size must be >= 1 and seq_len >= 2")
     if model is None or tokenizer is None:
-        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device), seed=cfg.seed)
+        # cfg.seed drives the data sample only: the model (tiny:<family> included) is the same for every seed
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device))
     get_family(model)  # unsupported models fail before any data work
     records = load_records(cfg.data, limit=cfg.limit)
     sequences = sample_sequences(records, tokenizer, cfg.n_sequences, cfg.seq_len, cfg.seed, cfg.response_only)

@@ -1,0 +1,189 @@
+"""``moecraft eval``: generate on task files, score with the task metrics, and measure general ability."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moecraft.errors import MoecraftError
+from moecraft.eval import metrics as M
+from moecraft.eval.tasks import EvalItem, infer_metrics, load_items
+
+
+@dataclass
+class EvalConfig:
+    """Options of ``moecraft eval``."""
+
+    model: str = field(default="tiny:deepseek_v2", metadata={"help": "hub id, local folder, or tiny:<family>"})
+    adapter: str | None = field(
+        default=None, metadata={"help": "folder of a trained moecraft artifact (ESFT experts, LoRA, PESC) to load onto --model"})
+    tasks: list[str] = field(
+        default_factory=lambda: ["builtin:intent"],
+        metadata={"help": "eval sources: JSONL files (chat, ESFT eval, prompt/reference, code rows) or builtin:<task>[:split]"})
+    metrics: list[str] = field(
+        default_factory=list,
+        metadata={"help": f"metrics for every task (empty: chosen per task); any of {list(M.ALL_METRICS)}"})
+    out: Path = field(default=Path("runs/eval"), metadata={"help": "output folder (results.json, predictions)"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate at most this many rows per task"})
+    max_new_tokens: int = field(default=128, metadata={"help": "tokens to generate per prompt"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per generation batch (left padded)"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy decoding"})
+    stop: list[str] = field(
+        default_factory=lambda: ["\n\nUser:"],
+        metadata={"help": "cut generations at these strings (few-shot prompts go on with the next turn)"})
+    chat_template: bool = field(
+        default=False, metadata={"help": "wrap raw 'prompt' rows as a user turn of the chat template"})
+    code_timeout: float = field(default=10.0, metadata={"help": "seconds per program for code_pass@1"})
+    perplexity_data: str | None = field(
+        default=None, metadata={"help": "held-out general corpus for perplexity (JSONL/datasets/hub/builtin)"})
+    perplexity_limit: int | None = field(default=200, metadata={"help": "records of the perplexity corpus to use"})
+    seq_len: int = field(default=1024, metadata={"help": "window length for perplexity"})
+    lm_eval_tasks: list[str] = field(
+        default_factory=list, metadata={"help": "lm-evaluation-harness tasks (e.g. mmlu,gsm8k,arc_challenge); needs the lm-eval extra"})
+    lm_eval_limit: int | None = field(default=None, metadata={"help": "examples per lm-eval task"})
+    lm_eval_include_path: str | None = field(default=None, metadata={"help": "folder of extra lm-eval task YAMLs"})
+    judge: str | None = field(
+        default=None, metadata={"help": "LLM judge as module:function (prompt -> reply); adds the 'judge' metric"})
+    judge_rubric: str | None = field(
+        default=None, metadata={"help": "rubric template file with {question}, {prediction}, {reference}"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    dtype: str = field(default="auto", metadata={"help": "model dtype: auto, bfloat16, float32, ..."})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda, ..."})
+
+
+def score_items(
+    items: list[EvalItem], predictions: list[str], metrics: list[str], code_timeout: float = 10.0,
+    judge=None, rubric: str | None = None,
+) -> tuple[dict[str, float], list[dict[str, float | None]]]:
+    """Task-level scores (0-100) and per-example scores (0/1 or [0, 1]) for each metric."""
+    unknown = [m for m in metrics if m not in M.ALL_METRICS]
+    if unknown:
+        raise MoecraftError(f"unknown metric(s) {unknown}; choose from {list(M.ALL_METRICS)}")
+    per_ex: list[dict[str, float | None]] = [{} for _ in items]
+    summary: dict[str, float] = {}
+    refs = [it.references for it in items]
+    for name in metrics:
+        if name in M.EXAMPLE_METRICS:
+            vals = [M.score_example(name, p, r) for p, r in zip(predictions, refs)]
+        elif name in M.CORPUS_METRICS:
+            summary[name] = M.CORPUS_METRICS[name](predictions, refs)
+            continue
+        elif name == "code_pass@1":
+            from tqdm.auto import tqdm
+
+            from moecraft.eval.code_exec import build_program, run_python
+
+            vals = [
+                float(run_python(build_program(it.record, p), timeout=code_timeout).passed)
+                for it, p in tqdm(list(zip(items, predictions)), desc="run tests", unit="program")
+            ]
+        else:  # judge
+            if judge is None:
+                raise MoecraftError("metric 'judge' needs --judge module:function")
+            from moecraft.eval.judge import DEFAULT_RUBRIC, judge_scores
+
+            vals = judge_scores(judge, rubric or DEFAULT_RUBRIC, [it.prompt for it in items], predictions,
+                                [r[0] if r else "" for r in refs])
+        for d, v in zip(per_ex, vals):
+            d[name] = v
+        scored = [v for v in vals if v is not None]
+        summary[name] = 100.0 * sum(scored) / len(scored) if scored else float("nan")
+    return summary, per_ex
+
+
+def evaluate_model(model, tokenizer, cfg: EvalConfig, out: Path | None = None, progress: bool = True) -> dict:
+    """Run every task (and perplexity / lm-eval when asked) on an already loaded model.
+
+    Returns ``{"tasks": {source: {"metrics": {...}, "n": int}}, "perplexity": {...}?, "lm_eval": {...}?}``;
+    with ``out`` set, predictions go to ``out/predictions-<task>.jsonl``.
+    """
+    judge = rubric = None
+    if cfg.judge:
+        from moecraft.eval.judge import load_judge, load_rubric
+
+        judge, rubric = load_judge(cfg.judge), load_rubric(cfg.judge_rubric)
+    from moecraft.eval.generation import generate_texts
+
+    results: dict = {"tasks": {}}
+    for source in cfg.tasks:
+        items = load_items(source, tokenizer, cfg.limit, cfg.chat_template)
+        metrics = list(cfg.metrics) or infer_metrics(source, items)
+        if judge is not None and "judge" not in metrics:
+            metrics.append("judge")
+        preds = generate_texts(
+            model, tokenizer, [it.prompt for it in items], cfg.max_new_tokens, cfg.batch_size, cfg.temperature,
+            cfg.stop, cfg.seed, progress, desc=f"generate {source}",
+        )
+        summary, per_ex = score_items(items, preds, metrics, cfg.code_timeout, judge, rubric)
+        results["tasks"][source] = {"metrics": summary, "n": len(items)}
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            path = out / f"predictions-{_slug(source)}.jsonl"
+            with path.open("w", encoding="utf-8") as f:
+                for it, p, s in zip(items, preds, per_ex):
+                    f.write(json.dumps({"prompt": it.prompt, "prediction": p, "references": it.references,
+                                        "scores": s}, ensure_ascii=False) + "\n")
+    if cfg.perplexity_data:
+        from moecraft.data import load_records
+        from moecraft.eval.perplexity import perplexity
+
+        recs = load_records(cfg.perplexity_data, cfg.perplexity_limit)
+        results["perplexity"] = {"data": cfg.perplexity_data,
+                                 **perplexity(model, tokenizer, recs, cfg.seq_len, cfg.batch_size, progress)}
+    if cfg.lm_eval_tasks:
+        from moecraft.eval.lm_eval_bridge import run_lm_eval
+
+        results["lm_eval"] = run_lm_eval(model, tokenizer, cfg.lm_eval_tasks, cfg.lm_eval_limit,
+                                         cfg.lm_eval_include_path, cfg.batch_size)
+    return results
+
+
+def _slug(source: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source).stem if source.endswith(".jsonl") else source).strip("_")
+
+
+def format_table(results: dict, title: str | None = None) -> str:
+    """Plain-text table: one row per task and metric, then perplexity and lm-eval numbers."""
+    rows = [(task, name, f"{val:.2f}", str(r["n"])) for task, r in results["tasks"].items()
+            for name, val in r["metrics"].items()]
+    if "perplexity" in results:
+        p = results["perplexity"]
+        rows.append((p["data"], "perplexity", f"{p['ppl']:.3f}", str(p["n_tokens"]) + " tok"))
+    for task, vals in results.get("lm_eval", {}).items():
+        rows += [(f"lm_eval:{task}", k, f"{v:.4f}", "") for k, v in vals.items() if isinstance(v, (int, float))]
+    head = ("task", "metric", "score", "n")
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths))  # noqa: E731
+    text = [line(head), line(["-" * w for w in widths]), *map(line, rows)]
+    return ((title + "\n") if title else "") + "\n".join(text)
+
+
+def load_for_eval(cfg: EvalConfig):
+    """Model and tokenizer of ``cfg.model``, with ``cfg.adapter`` (a trained artifact) applied."""
+    from moecraft.esft.stats import resolve_device
+    from moecraft.models import load_model
+
+    model, tok = load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device), seed=cfg.seed)
+    if cfg.adapter:
+        from moecraft.eval.artifacts import apply_artifact
+
+        model = apply_artifact(model, Path(cfg.adapter))
+    return model.eval(), tok
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Python API of ``moecraft eval``: results dict, also written to ``cfg.out/results.json``."""
+    from moecraft.runinfo import seed_everything, write_run_info
+
+    seed_everything(cfg.seed)
+    model, tok = load_for_eval(cfg)
+    out = Path(cfg.out)
+    results = evaluate_model(model, tok, cfg, out)
+    results["model"], results["adapter"] = cfg.model, cfg.adapter
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    write_run_info(out, cfg)
+    return results
