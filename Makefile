@@ -7,7 +7,7 @@ $(BIN)/moecraft: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,eval,lm-eval]'
 	touch $(BIN)/moecraft
 
 .PHONY: install demo test lint bench
