@@ -58,9 +58,10 @@ def load_records(source: str, limit: int | None = None) -> list[dict]:
     return records[:limit] if limit else records
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    records = []
-    with path.open(encoding="utf-8") as f:
+def read_jsonl_rows(path: Path) -> list[tuple[int, dict]]:
+    """``(line number, object)`` of every non-blank line; bad JSON or a non-object names file and line."""
+    rows = []
+    with Path(path).open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -70,13 +71,18 @@ def _read_jsonl(path: Path) -> list[dict]:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            records.append(rec)
-    if not records:
+            rows.append((lineno, rec))
+    if not rows:
         raise DataError(f"{path}: empty file (no JSON lines)")
-    # keep line numbers right in later messages by checking here, where they are known
-    for lineno, rec in enumerate(records, 1):
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = read_jsonl_rows(path)
+    # check here, where the real line numbers are known
+    for lineno, rec in rows:
         check_record(rec, f"{path}:{lineno}")
-    return records
+    return [rec for _, rec in rows]
 
 
 def _read_datasets_folder(path: Path) -> list[dict]:

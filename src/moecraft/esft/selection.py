@@ -13,7 +13,6 @@ divides each layer's scores by their sum first, which makes p mean "share of the
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Literal
 import torch
 
 from moecraft.errors import MoecraftError
+from moecraft.files import read_json, write_json
 
 FORMAT = "moecraft.expert_config/1"
 # The paper's thresholds: p = 0.1 for the average gate score, p = 0.2 for the token selection ratio.
@@ -129,21 +129,12 @@ class ExpertConfig:
         }
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=1, ensure_ascii=False) + "\n")
-        return path
+        return write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> ExpertConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise MoecraftError(f"expert config not found: {path}")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise MoecraftError(f"{path}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(d, dict) or "experts" not in d:
+        d = read_json(path, "expert config")
+        if "experts" not in d:
             raise MoecraftError(f"{path}: not an expert config (no 'experts' mapping)")
         num_experts = int(d.get("num_experts", 0))
         experts: dict[int, list[int]] = {}

@@ -17,7 +17,6 @@ a fixed size ``[layers, experts]``, so memory does not grow with the number of t
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 
 from moecraft.errors import MoecraftError
 from moecraft.families import get_family, moe_layers, routing_spec
+from moecraft.files import read_json, write_json
 
 FORMAT = "moecraft.scores/1"
 
@@ -102,21 +102,12 @@ class ExpertScores:
         }
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=1, ensure_ascii=False) + "\n")
-        return path
+        return write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> ExpertScores:
-        path = Path(path)
-        if not path.is_file():
-            raise MoecraftError(f"scores file not found: {path}")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise MoecraftError(f"{path}: not a valid JSON scores file ({exc.msg})") from exc
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
+        d = read_json(path, "scores file")
+        if d.get("format") != FORMAT:
             raise MoecraftError(f"{path}: not a moecraft scores file (expected format '{FORMAT}')")
         gate_sum = torch.tensor(d["gate_sum"], dtype=torch.float64)
         token_count = torch.tensor(d["token_count"], dtype=torch.float64)

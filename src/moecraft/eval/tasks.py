@@ -42,19 +42,12 @@ def read_rows(source: str, limit: int | None = None) -> list[dict]:
         path = Path(source)
         if not path.is_file():
             raise DataError(f"eval data file not found: {path}")
+        from moecraft.data import read_jsonl_rows
+
         rows = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                row.setdefault("_where", f"{path}:{lineno}")
-                rows.append(row)
+        for lineno, row in read_jsonl_rows(path):
+            row.setdefault("_where", f"{path}:{lineno}")
+            rows.append(row)
     else:
         from moecraft.data import load_records
 

@@ -1,0 +1,30 @@
+"""Small JSON file helpers shared by the score, expert-config and artifact files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moecraft.errors import MoecraftError
+
+
+def read_json(path: str | Path, what: str) -> dict:
+    """The JSON object in ``path``; a missing file or bad JSON is a MoecraftError naming ``what`` and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoecraftError(f"{what} not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MoecraftError(f"{path}: not a valid JSON {what} ({exc})") from exc
+    if not isinstance(data, dict):
+        raise MoecraftError(f"{path}: not a {what} (expected a JSON object)")
+    return data
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    """Write ``data`` as readable UTF-8 JSON, creating parent folders. Floats keep their exact value."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
