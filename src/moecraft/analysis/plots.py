@@ -108,6 +108,9 @@ def bar_plot(groups: dict[str, dict[str, float]], title: str, ylabel: str, path:
         bars = ax.bar([i + (k - (len(series) - 1) / 2) * width for i in range(len(names))], vals, width, label=s)
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    values = [v for g in groups.values() for v in g.values() if v == v]
+    if values and min(values) >= 0:  # scores and perplexities: keep 0 at the bottom, even when all are 0
+        ax.set_ylim(0, max(max(values) * 1.15, 1.0))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
