@@ -69,3 +69,17 @@ def test_bad_input_from_cli_is_one_clear_line(tmp_path, capsys):
     empty.write_text("")
     assert main(["score", "--data", str(empty), "--out", str(tmp_path / "s.json")]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+def test_shipped_yaml_configs_parse_with_their_command(capsys):
+    """Every config in configs/esft and configs/pesc names its command in line 1 and parses with it."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    files = sorted([*root.glob("esft/*.yaml"), *root.glob("pesc/*.yaml")])
+    assert files
+    for path in files:
+        command = re.match(r"# moecraft (\w+) --config", path.read_text()).group(1)
+        assert main([command, "--config", str(path), "--print-config"]) == 0, path
+        assert yaml.safe_load(capsys.readouterr().out)  # resolved options come back
