@@ -144,3 +144,16 @@ def test_train_config_options_reach_crafting():
     assert (cfg.model, cfg.seed, cfg.num_experts, cfg.expert, cfg.top_k) == ("tiny:qwen2", 3, 6, "lora", 2)
     model = get_method("pesc").prepare(tiny_model("qwen2"), SimpleNamespace(pesc={"num_experts": 3, "top_k": 1}))
     assert {m.num_experts for _, m in pesc_layers(model)} == {3}
+
+
+def test_generic_artifact_loader_reads_craft_outputs_and_names_missing_folders(tmp_path):
+    from moecraft import artifacts
+
+    model = craft_model(tiny_model("llama"), CraftConfig(num_experts=2, top_k=1, adapter_dim=4))
+    save_artifact(model, tmp_path / "art")
+    loaded = artifacts.load_artifact(tiny_model("llama"), tmp_path / "art").eval()
+    ids = _ids(7)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model.eval()(ids).logits)
+    with pytest.raises(MoecraftError, match="artifact folder not found: .*nowhere"):
+        artifacts.load_artifact(tiny_model("llama"), tmp_path / "nowhere")

@@ -146,12 +146,24 @@ def read_manifest(artifact_dir: str | Path) -> dict:
 
 
 def load_artifact(base_model: nn.Module, artifact_dir: str | Path) -> nn.Module:
-    """Put a training artifact onto ``base_model`` (unmerged for adapters); wrong base -> MoecraftError."""
+    """Put any moecraft artifact onto ``base_model`` (unmerged for adapters); wrong base -> MoecraftError.
+
+    A training output names its method and base in ``artifact.json``; a PESC artifact written by
+    ``moecraft craft`` (no training yet) has its own config and base fingerprint, checked by PESC.
+    """
     from moecraft.methods import get_method
 
+    artifact_dir = Path(artifact_dir)
+    if not artifact_dir.is_dir():
+        raise MoecraftError(f"artifact folder not found: {artifact_dir}")
+    if not (artifact_dir / MANIFEST).is_file():
+        from moecraft.pesc.craft import CONFIG as PESC_CONFIG
+
+        if (artifact_dir / PESC_CONFIG).is_file():
+            return get_method("pesc").load(base_model, artifact_dir)
     manifest = read_manifest(artifact_dir)
     check_base(manifest["fingerprint"], base_model, str(artifact_dir))
-    return get_method(manifest["method"]).load(base_model, Path(artifact_dir))
+    return get_method(manifest["method"]).load(base_model, artifact_dir)
 
 
 def merge_artifact(base_model: nn.Module, artifact_dir: str | Path) -> nn.Module:

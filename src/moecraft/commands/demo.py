@@ -127,10 +127,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         if "esft" in moe_methods:
             n += 1
             t0 = _step(n, "score the ESFT-trained model on the same sample (routing before/after)")
-            from moecraft.eval.artifacts import apply_artifact
+            from moecraft.artifacts import load_artifact
 
             base, _ = load_model(cfg.moe_model, seed=cfg.seed)
-            tuned = apply_artifact(base, out / "train" / "esft")
+            tuned = load_artifact(base, out / "train" / "esft")
             score_files["after-esft"] = out / "scores" / "after-esft.json"
             score_experts(ScoreConfig(model=cfg.moe_model, data=cfg.data, out=score_files["after-esft"],
                                       n_sequences=cfg.n_sequences, seq_len=cfg.seq_len, seed=cfg.seed),

@@ -1,7 +1,7 @@
 """Generate text from a model, optionally with a trained artifact loaded onto it (greedy by default).
 
-`--model` is the base (tiny:<kind>, folder, hub id) or an exported checkpoint; `--artifact` an artifact
-folder of `--method` (default pesc) to load onto the base. The prompt goes through the chat template
+`--model` is the base (tiny:<kind>, folder, hub id) or an exported/merged checkpoint; `--artifact` any
+moecraft artifact folder (ESFT, FFT, LoRA or PESC: it says which) to load onto the base. The prompt goes through the chat template
 as one user turn unless `--chat false`.
 """
 
@@ -17,7 +17,6 @@ class GenerateConfig:
     prompt: str = field(metadata={"help": "prompt text"})
     model: str = field(default="tiny:llama", metadata={"help": "base model or exported checkpoint"})
     artifact: str | None = field(default=None, metadata={"help": "artifact folder to load onto the base"})
-    method: str = field(default="pesc", metadata={"help": "training method that wrote the artifact"})
     max_new_tokens: int = field(default=128, metadata={"help": "tokens to generate"})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy; > 0 samples"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (when sampling)"})
@@ -50,9 +49,9 @@ def load_for_generation(cfg: GenerateConfig):
                 raise MoecraftError(f"{cfg.model} needs custom code: add --trust-remote-code") from exc
             raise
     if cfg.artifact:
-        from moecraft.methods import get_method
+        from moecraft.artifacts import load_artifact
 
-        model = get_method(cfg.method).load(model, cfg.artifact).to(device).eval()
+        model = load_artifact(model, cfg.artifact).to(device).eval()
     return model, tok
 
 

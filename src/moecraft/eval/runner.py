@@ -168,9 +168,9 @@ def load_for_eval(cfg: EvalConfig):
 
     model, tok = load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device), seed=cfg.seed)
     if cfg.adapter:
-        from moecraft.eval.artifacts import apply_artifact
+        from moecraft.artifacts import load_artifact
 
-        model = apply_artifact(model, Path(cfg.adapter))
+        model = load_artifact(model, Path(cfg.adapter))
     return model.eval(), tok
 
 
