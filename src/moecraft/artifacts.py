@@ -62,14 +62,25 @@ def base_fingerprint(model: nn.Module) -> dict:
     return fp
 
 
-def check_base(expected: dict, model: nn.Module, where: str) -> None:
-    """Raise a clear error when ``model`` is not the base the artifact was trained on."""
+def check_base(expected: dict, model: nn.Module, where: str, base_name: str | None = None) -> None:
+    """Raise a clear error when ``model`` is not the base the artifact was trained on.
+
+    ``base_name`` (the model id the artifact records) is named in the message when given.
+    """
     got = base_fingerprint(model)
     for key, what in (("model_type", "family"), ("config_hash", "config"), ("weights_hash", "weights")):
+        if key == "config_hash" and "config" not in expected:
+            continue  # written before the hash left out load-time entries (dtype, path): not comparable
         if key in expected and expected[key] != got[key]:
+            detail = f"artifact was trained on {expected.get(key)!r}, this base has {got[key]!r}"
+            if key == "config_hash" and isinstance(expected.get("config"), dict):
+                old, new = expected["config"], got["config"]
+                diff = [f"{k}: {old.get(k)!r} vs {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                        if old.get(k) != new.get(k)]
+                detail = "artifact's base vs this base: " + "; ".join(diff[:6]) + ("; ..." * (len(diff) > 6))
             raise MoecraftError(
-                f"{where}: wrong base model ({what} mismatch: artifact was trained on {expected.get(key)!r}, "
-                f"this base has {got[key]!r}; artifact base: {expected.get('name_or_path') or '?'})"
+                f"{where}: wrong base model ({what} mismatch: {detail}; "
+                f"artifact base: {base_name or expected.get('name_or_path') or '?'})"
             )
 
 
@@ -87,10 +98,14 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], expert_rows: dict
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
     if not path.is_file():
         raise MoecraftError(f"artifact tensors not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    return tensors, json.loads(meta.get("expert_rows", "{}"))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        rows = json.loads(meta.get("expert_rows", "{}"))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+        raise MoecraftError(f"{path}: not a readable safetensors file ({exc})") from exc
+    return tensors, rows
 
 
 @torch.no_grad()
@@ -136,12 +151,25 @@ def _is_artifact_file(root: Path, p: Path) -> bool:
 
 
 def read_manifest(artifact_dir: str | Path) -> dict:
-    path = Path(artifact_dir) / MANIFEST
+    """The checked ``artifact.json`` of a training output; a missing folder or bad manifest: MoecraftError."""
+    from moecraft.files import read_json
+
+    artifact_dir = Path(artifact_dir)
+    if not artifact_dir.is_dir():
+        raise MoecraftError(f"artifact folder not found: {artifact_dir}")
+    path = artifact_dir / MANIFEST
     if not path.is_file():
-        raise MoecraftError(f"{artifact_dir} is not a moecraft training output (no {MANIFEST})")
-    manifest = json.loads(path.read_text())
+        hint = ""
+        if (artifact_dir / "pesc_config.yaml").is_file():
+            hint = " (a PESC artifact from `moecraft craft`: use `moecraft export`)"
+        raise MoecraftError(f"{artifact_dir} is not a moecraft training output (no {MANIFEST}){hint}")
+    manifest = read_json(path, "artifact manifest")
     if manifest.get("format") != FORMAT:
         raise MoecraftError(f"{path}: unknown artifact format {manifest.get('format')!r} (expected {FORMAT})")
+    missing = [k for k in ("method", "base", "fingerprint") if k not in manifest]
+    if missing or not isinstance(manifest.get("fingerprint"), dict):
+        raise MoecraftError(
+            f"{path}: incomplete artifact manifest (missing or malformed: {missing or ['fingerprint']})")
     return manifest
 
 
@@ -162,7 +190,7 @@ def load_artifact(base_model: nn.Module, artifact_dir: str | Path) -> nn.Module:
         if (artifact_dir / PESC_CONFIG).is_file():
             return get_method("pesc").load(base_model, artifact_dir)
     manifest = read_manifest(artifact_dir)
-    check_base(manifest["fingerprint"], base_model, str(artifact_dir))
+    check_base(manifest["fingerprint"], base_model, str(artifact_dir), manifest.get("base"))
     return get_method(manifest["method"]).load(base_model, artifact_dir)
 
 

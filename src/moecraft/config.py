@@ -20,10 +20,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from moecraft.errors import MoecraftError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(MoecraftError):
     """A config value is missing, unknown or of the wrong type."""
 
 
@@ -56,7 +58,7 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"config field '{name}' may not be empty")
+        raise ConfigError(f"option '{name}' may not be empty")
     origin = typing.get_origin(base)
     try:
         if base is bool:
@@ -74,7 +76,7 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         if origin is typing.Literal:
             choices = typing.get_args(base)
             if value not in choices:
-                raise ConfigError(f"config field '{name}' must be one of {list(choices)}, got {value!r}")
+                raise ConfigError(f"option '{name}' must be one of {list(choices)}, got {value!r}")
             return value
         if origin in (list, tuple):
             (item_tp, *_rest) = typing.get_args(base) or (Any,)
@@ -86,21 +88,31 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
             if not isinstance(value, dict):
                 raise ValueError
             return dict(value)
+    except ConfigError:
+        raise
     except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
-        raise ConfigError(f"config field '{name}' expects {getattr(base, '__name__', base)}, got {value!r}") from exc
+        raise ConfigError(f"option '{name}' expects {getattr(base, '__name__', base)}, got {value!r}") from exc
     return value
+
+
+def _checked_values(cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` converted to the field types; unknown keys and bad values are errors naming ``source``."""
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown option(s) {unknown}; known: {sorted(names)}")
+    try:
+        return {k: _coerce(k, hints[k], v) for k, v in data.items()}
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
 
 
 def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "config") -> T:
     """Build a config dataclass from a plain dict, rejecting unknown keys by name."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of option names to values, got {type(data).__name__}")
-    hints = _field_types(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{source}: unknown option(s) {unknown}; known: {sorted(names)}")
-    values = {k: _coerce(k, hints[k], v) for k, v in data.items()}
+    values = _checked_values(cls, data, source)
     missing = [
         f.name
         for f in dataclasses.fields(cls)
@@ -128,15 +140,30 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
 
 
-def load_yaml(cls: type[T], path: str | Path) -> T:
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file (empty file -> ``{}``); a missing file, bad YAML or a non-mapping
+    is a :class:`ConfigError` naming the file (and the line, for YAML syntax errors)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc})") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return from_dict(cls, data, source=str(path))
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
+    return data
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    return from_dict(cls, read_yaml_mapping(path), source=str(path))
 
 
 def dump_yaml(cfg: Any) -> str:
@@ -179,12 +206,7 @@ def resolve(cls: type[T], namespace: argparse.Namespace) -> T:
     source = "command line"
     if getattr(namespace, "_config", None):
         path = Path(namespace._config)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of option names to values")
-        data.update(loaded)
+        data.update(_checked_values(cls, read_yaml_mapping(path), str(path)))  # errors here name the file
         source = f"{path} + command line"
     names = {f.name for f in dataclasses.fields(cls)}
     data.update({k: v for k, v in vars(namespace).items() if k in names})

@@ -32,6 +32,8 @@ def load_records(source: str, limit: int | None = None) -> list[dict]:
     file and line. An empty source is an error too.
     """
     source = str(source)
+    if limit is not None and limit < 0:
+        raise DataError(f"limit must be >= 0 (0 = no limit), got {limit}")
     if source.startswith(BUILTIN_PREFIX):
         from moecraft.builtin_data import generate
 
@@ -61,8 +63,13 @@ def load_records(source: str, limit: int | None = None) -> list[dict]:
 def read_jsonl_rows(path: Path) -> list[tuple[int, dict]]:
     """``(line number, object)`` of every non-blank line; bad JSON or a non-object names file and line."""
     rows = []
-    with Path(path).open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with Path(path).open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is fine
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start})") \
+                    from exc
             if not line.strip():
                 continue
             try:
@@ -252,5 +259,8 @@ def sample_sequences(
 
     chunks = pack_sequences(rendered(), seq_len)[:n_sequences]
     if response_only and not any(any(m) for _, m in chunks):
-        raise DataError("response_only: the sampled data has no response tokens")
+        raise DataError(
+            f"the {len(chunks)} sampled sequence(s) of {seq_len} tokens hold no response tokens (the loss would "
+            "be empty): use a longer --seq-len, or data with responses (chat assistant turns, 'response', 'text')"
+        )
     return chunks

@@ -28,3 +28,15 @@ def write_json(path: str | Path, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
+
+
+def check_output_file(path: str | Path, option: str) -> None:
+    """Fail before any work when an output file path is an existing folder (it could not be written later)."""
+    if Path(path).is_dir():
+        raise MoecraftError(f"{option} {path} is a folder; give a file path")
+
+
+def check_output_folder(path: str | Path, option: str) -> None:
+    """Fail before any work when an output folder path is an existing file."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise MoecraftError(f"{option} {path} is an existing file; give a folder path")

@@ -25,7 +25,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from moecraft.errors import MoecraftError
+from moecraft.errors import MoecraftError, UnsupportedModelError
 
 TINY_PREFIX = "tiny:"
 
@@ -80,7 +80,10 @@ def tiny_config(kind: str, vocab_size: int = 320):
     dense = _dense_tiny_configs()
     if kind in dense:
         return dense[kind](vocab_size)
-    raise MoecraftError(f"unknown tiny model '{kind}'; choose from {sorted([*FAMILIES, *dense])}")
+    raise UnsupportedModelError(
+        f"unknown tiny model 'tiny:{kind}'; choose a supported MoE family ({', '.join(sorted(FAMILIES))}) "
+        f"or a dense model for PESC ({', '.join(sorted(dense))})"
+    )
 
 
 def tiny_model(kind: str, seed: int = 0, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
@@ -113,10 +116,11 @@ def _randomise_routers(model: PreTrainedModel, seed: int) -> None:
                     b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Tokenizer of a model (byte tokenizer for ``tiny:``), with a pad token and a chat template set."""
     if name_or_path.startswith(TINY_PREFIX):
         return byte_tokenizer()
-    tok = AutoTokenizer.from_pretrained(name_or_path)
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.chat_template is None:
@@ -132,19 +136,86 @@ def load_model(
         tokenizer = byte_tokenizer()
         model = tiny_model(name_or_path[len(TINY_PREFIX) :], seed=seed, tokenizer=tokenizer)
         return model.to(device).eval(), tokenizer
-    path = Path(name_or_path)
-    if path.exists() and not (path / "config.json").is_file():
-        raise MoecraftError(f"{path} is not a model folder (no config.json)")
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return _load_local(path, dtype, device)
+    if _looks_like_path(name_or_path):
+        raise MoecraftError(f"model folder not found: {name_or_path}")
     try:
-        AutoConfig.from_pretrained(name_or_path)  # fails early, before the weights, on a bad id or path
+        AutoConfig.from_pretrained(name_or_path)  # fails early, before the weights, on a bad id
         tokenizer = load_tokenizer(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype))
     except OSError as exc:
         raise MoecraftError(
             f"could not load model '{name_or_path}': not a local model folder, and the hub has no such model or "
-            f"cannot be reached ({str(exc).splitlines()[0]}). Use a local folder, or tiny:<family> to try offline."
+            f"cannot be reached ({_first_line(exc)}). Use a local folder, or tiny:<family> to try offline."
         ) from exc
+    except ValueError as exc:  # e.g. a model type this transformers does not know
+        raise MoecraftError(f"could not load model '{name_or_path}': {_first_line(exc)}") from exc
     return model.to(device).eval(), tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _looks_like_path(name: str) -> bool:
+    """True for names that can only be local paths (hub ids are ``name`` or ``namespace/name``)."""
+    return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or "\\" in name or name.endswith("/")
+
+
+def _load_local(path: Path, dtype: str | torch.dtype, device: str | torch.device):
+    """Model and tokenizer from an existing local folder; every failure names the folder and what is wrong."""
+    if not path.is_dir():
+        raise MoecraftError(f"{path} is a file, not a model folder")
+    if not (path / "config.json").is_file():
+        raise MoecraftError(f"{path} is not a model folder (no config.json)")
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        model_type = config.get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise MoecraftError(f"{path / 'config.json'}: not a valid JSON object ({exc})") from exc
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING and "auto_map" in config:
+        raise MoecraftError(f"{path} needs custom code (model type {model_type!r}, auto_map in config.json): add "
+                            "--trust-remote-code, or load it with trust_remote_code=True")
+    if model_type not in CONFIG_MAPPING:
+        from moecraft.families import supported_families
+        from moecraft.pesc.arch import ARCHS
+
+        raise UnsupportedModelError(
+            f"{path}: model type {model_type!r} is not known to the installed transformers; moecraft "
+            f"supports the MoE families {', '.join(supported_families())} (ESFT) and dense "
+            f"{', '.join(sorted(ARCHS))} (PESC)"
+        )
+    try:
+        tokenizer = load_tokenizer(str(path))
+    except (OSError, ValueError) as exc:
+        raise MoecraftError(
+            f"{path}: could not load the tokenizer ({_first_line(exc).rstrip(': ')}); the folder needs the "
+            "tokenizer files saved with the model (tokenizer.json, tokenizer_config.json)"
+        ) from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype))
+    except (OSError, ValueError) as exc:
+        raise MoecraftError(f"{path}: could not load the model weights ({_first_line(exc)})") from exc
+    return model.to(device).eval(), tokenizer
+
+
+def check_sequence_length(model: PreTrainedModel, seq_len: int) -> None:
+    """Raise :class:`MoecraftError` when ``seq_len`` exceeds the model's ``max_position_embeddings``.
+
+    Longer sequences run silently on most models (positions past the trained range), so scoring or
+    training on them is a mistake to catch early. Models whose config has no such limit are not checked.
+    """
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 and seq_len > limit:
+        name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+        raise MoecraftError(
+            f"seq_len {seq_len} is longer than the model's max_position_embeddings {limit} ({name}); "
+            f"use --seq-len {limit} or less"
+        )
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
@@ -157,12 +228,20 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     return table[dtype]
 
 
+# Config entries that depend on how a model was loaded, not on which model it is: the same base read from the
+# hub or a local copy, in bf16 or fp32, must fingerprint alike.
+_LOAD_TIME_KEYS = frozenset({"dtype", "torch_dtype", "transformers_version", "use_cache", "output_attentions",
+                             "output_hidden_states", "return_dict"})
+
+
 def model_fingerprint(model: PreTrainedModel) -> dict:
     """Identity of a base model, written beside artifacts so loading onto the wrong base fails clearly."""
     cfg = model.config.to_dict()
-    keep = {k: cfg[k] for k in sorted(cfg) if isinstance(cfg[k], (int, float, str, bool)) and "token_id" not in k}
+    keep = {k: cfg[k] for k in sorted(cfg) if isinstance(cfg[k], (int, float, str, bool))
+            and "token_id" not in k and not k.startswith("_") and k not in _LOAD_TIME_KEYS}
     return {"model_type": model.config.model_type, "architecture": type(model).__name__,
-            "config_hash": _stable_hash(keep), "name_or_path": getattr(model.config, "_name_or_path", "")}
+            "config_hash": _stable_hash(keep), "name_or_path": getattr(model.config, "_name_or_path", ""),
+            "config": keep}
 
 
 def _stable_hash(obj) -> str:

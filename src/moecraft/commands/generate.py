@@ -40,7 +40,7 @@ def load_for_generation(cfg: GenerateConfig):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=resolve_dtype(cfg.dtype), trust_remote_code=True)
-        model, tok = model.to(device).eval(), load_tokenizer(cfg.model)
+        model, tok = model.to(device).eval(), load_tokenizer(cfg.model, trust_remote_code=True)
     else:
         try:
             model, tok = load_model(cfg.model, dtype=cfg.dtype, device=device, seed=cfg.seed)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moecraft.artifacts import merge_artifact, read_manifest
+from moecraft.files import check_output_folder
 from moecraft.models import load_model
 from moecraft.runinfo import write_run_info
 
@@ -28,6 +29,7 @@ CONFIG = MergeConfig
 def merge(cfg: MergeConfig):
     """Load base + artifact, merge, ``save_pretrained`` model and tokenizer to ``cfg.out``; returns the model."""
     manifest = read_manifest(cfg.artifact)
+    check_output_folder(cfg.out, "--out")
     base = cfg.base or manifest["base"]
     model, tokenizer = load_model(base, dtype=cfg.dtype)
     merged = merge_artifact(model, cfg.artifact)

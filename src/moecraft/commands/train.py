@@ -16,6 +16,8 @@ CONFIG = TrainConfig
 
 def run(cfg: TrainConfig) -> int:
     summary = train(cfg)
+    if not summary["main_process"]:  # under accelerate launch, one process reports
+        return 0
     art, base = summary["artifact_bytes"], summary["base_bytes"]
     print(f"trained {summary['steps']} steps ({cfg.method}): train loss {summary['train_loss']:.4f}, "
           f"eval loss {summary['eval_loss']:.4f}; optimiser held {summary['optimizer_parameters']:,} parameters")

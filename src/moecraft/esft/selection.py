@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from moecraft.errors import MoecraftError
-from moecraft.files import read_json, write_json
+from moecraft.files import check_output_file, read_json, write_json
 
 FORMAT = "moecraft.expert_config/1"
 # The paper's thresholds: p = 0.1 for the average gate score, p = 0.2 for the token selection ratio.
@@ -133,27 +133,51 @@ class ExpertConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ExpertConfig:
+        """Read and check an expert config: layer keys, expert ids (integers, in range, unique), fields."""
         d = read_json(path, "expert config")
-        if "experts" not in d:
-            raise MoecraftError(f"{path}: not an expert config (no 'experts' mapping)")
-        num_experts = int(d.get("num_experts", 0))
+        if not isinstance(d.get("experts"), dict):
+            raise MoecraftError(f"{path}: not an expert config (no 'experts' mapping of layer -> expert ids)")
+
+        def number(key: str, kind: type, default):
+            value = d.get(key, default)
+            if value is None and default is None:
+                return None
+            bad = isinstance(value, bool) or not isinstance(value, (int, float))
+            if bad or (kind is int and not float(value).is_integer()):
+                what = "an integer" if kind is int else "a number"
+                raise MoecraftError(f"{path}: '{key}' must be {what}, got {value!r}")
+            return kind(value)
+
+        num_experts = number("num_experts", int, 0)
         experts: dict[int, list[int]] = {}
         for key, ids in d["experts"].items():
-            if not str(key).isdigit() or not isinstance(ids, list):
-                raise MoecraftError(f"{path}: 'experts' must map layer index -> list of expert ids, got {key!r}")
-            bad = [i for i in ids if not isinstance(i, int) or i < 0 or (num_experts and i >= num_experts)]
+            if not str(key).isdigit():
+                raise MoecraftError(f"{path}: layer index {key!r} is not a non-negative integer")
+            if not isinstance(ids, list):
+                raise MoecraftError(f"{path}: layer {key}: expected a list of expert ids, got {ids!r}")
+            not_int = [i for i in ids if isinstance(i, bool) or not isinstance(i, int)]
+            if not_int:
+                raise MoecraftError(f"{path}: layer {key}: expert ids must be integers, got {not_int}")
+            bad = [i for i in ids if i < 0 or (num_experts and i >= num_experts)]
             if bad:
-                raise MoecraftError(f"{path}: layer {key}: expert ids {bad} out of range [0, {num_experts})")
+                valid = f"[0, {num_experts})" if num_experts else "(ids start at 0)"
+                raise MoecraftError(f"{path}: layer {key}: expert ids {bad} out of range {valid}")
             if len(set(ids)) != len(ids):
                 raise MoecraftError(f"{path}: layer {key}: repeated expert ids {ids}")
             experts[int(key)] = list(ids)
+        scores = d.get("scores", {})
+        if not isinstance(scores, dict) or not all(str(k).isdigit() and isinstance(v, list)
+                                                   for k, v in scores.items()):
+            raise MoecraftError(f"{path}: 'scores' must map layer index -> list of expert scores")
         return cls(
-            model=d.get("model", ""), family=d.get("family", ""), score_function=d.get("score_function", ""),
-            p=float(d.get("p", float("nan"))), experts=experts, num_experts=num_experts, top_k=int(d.get("top_k", 0)),
-            normalized=bool(d.get("normalized", False)), max_experts_per_layer=d.get("max_experts_per_layer"),
+            model=str(d.get("model", "")), family=str(d.get("family", "")),
+            score_function=str(d.get("score_function", "")), p=number("p", float, float("nan")),
+            experts=experts, num_experts=num_experts, top_k=number("top_k", int, 0),
+            normalized=bool(d.get("normalized", False)),
+            max_experts_per_layer=number("max_experts_per_layer", int, None),
             train_shared_experts=bool(d.get("train_shared_experts", d.get("shared_experts", False))),
             train_non_expert_modules=bool(d.get("train_non_expert_modules", d.get("non_expert_modules", False))),
-            scores={int(k): v for k, v in d.get("scores", {}).items()}, warnings=list(d.get("warnings", [])),
+            scores={int(k): v for k, v in scores.items()}, warnings=list(d.get("warnings", [])),
         )
 
 
@@ -161,6 +185,8 @@ def select_experts(cfg: SelectConfig, scores=None) -> ExpertConfig:
     """``moecraft select``: eq. 8 in every layer; writes ``cfg.out`` (unless empty) and returns the config."""
     from moecraft.esft.stats import ExpertScores
 
+    if cfg.out:
+        check_output_file(cfg.out, "--out")
     scores = scores if scores is not None else ExpertScores.load(cfg.scores)
     p = check_p(cfg.p if cfg.p is not None else DEFAULT_P[cfg.score])
     table = scores.scores(cfg.score)

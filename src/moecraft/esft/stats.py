@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from moecraft.errors import MoecraftError
 from moecraft.families import get_family, moe_layers, routing_spec
-from moecraft.files import read_json, write_json
+from moecraft.files import check_output_file, read_json, write_json
 
 FORMAT = "moecraft.scores/1"
 
@@ -109,16 +109,24 @@ class ExpertScores:
         d = read_json(path, "scores file")
         if d.get("format") != FORMAT:
             raise MoecraftError(f"{path}: not a moecraft scores file (expected format '{FORMAT}')")
-        gate_sum = torch.tensor(d["gate_sum"], dtype=torch.float64)
-        token_count = torch.tensor(d["token_count"], dtype=torch.float64)
-        shape = (len(d["layers"]), d["num_experts"])
+        try:
+            gate_sum = torch.tensor(d["gate_sum"], dtype=torch.float64)
+            token_count = torch.tensor(d["token_count"], dtype=torch.float64)
+            shape = (len(d["layers"]), int(d["num_experts"]))
+            scores = cls(
+                model=str(d.get("model", "")), family=str(d["family"]), layers=[int(i) for i in d["layers"]],
+                num_experts=shape[1], top_k=int(d["top_k"]), n_tokens=int(d["n_tokens"]), gate_sum=gate_sum,
+                token_count=token_count, meta=d.get("meta", {}),
+            )
+        except KeyError as exc:
+            raise MoecraftError(f"{path}: damaged scores file (no {exc})") from exc
+        except (TypeError, ValueError, RuntimeError) as exc:  # torch.tensor on ragged or non-numeric lists
+            raise MoecraftError(f"{path}: damaged scores file ({exc})") from exc
         if tuple(gate_sum.shape) != shape or tuple(token_count.shape) != shape:
             raise MoecraftError(f"{path}: statistics shape {tuple(gate_sum.shape)} does not match {shape}")
-        return cls(
-            model=d["model"], family=d["family"], layers=list(d["layers"]), num_experts=d["num_experts"],
-            top_k=d["top_k"], n_tokens=d["n_tokens"], gate_sum=gate_sum, token_count=token_count,
-            meta=d.get("meta", {}),
-        )
+        if scores.n_tokens < 1 or scores.top_k < 1:
+            raise MoecraftError(f"{path}: damaged scores file (n_tokens and top_k must be >= 1)")
+        return scores
 
 
 class RouterStatsCollector:
@@ -230,16 +238,19 @@ def score_experts(cfg: ScoreConfig, model: nn.Module | None = None, tokenizer=No
     Pass an already loaded ``model``/``tokenizer`` to skip loading ``cfg.model``.
     """
     from moecraft.data import load_records, sample_sequences
-    from moecraft.models import load_model
+    from moecraft.models import check_sequence_length, load_model
     from moecraft.runinfo import run_info, seed_everything
 
     seed_everything(cfg.seed)
+    if cfg.out:
+        check_output_file(cfg.out, "--out")
     if cfg.n_sequences < 1 or cfg.seq_len < 2 or cfg.batch_size < 1:
         raise MoecraftError("n_sequences and batch_size must be >= 1 and seq_len >= 2")
     if model is None or tokenizer is None:
         # cfg.seed drives the data sample only: the model (tiny:<family> included) is the same for every seed
         model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device))
     get_family(model)  # unsupported models fail before any data work
+    check_sequence_length(model, cfg.seq_len)
     records = load_records(cfg.data, limit=cfg.limit)
     sequences = sample_sequences(records, tokenizer, cfg.n_sequences, cfg.seq_len, cfg.seed, cfg.response_only)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -52,14 +52,21 @@ class EvalConfig:
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda, ..."})
 
 
+def check_metrics(metrics: list[str], have_judge: bool) -> None:
+    """Unknown metric names, or 'judge' without a judge function, are a MoecraftError."""
+    unknown = [m for m in metrics if m not in M.ALL_METRICS]
+    if unknown:
+        raise MoecraftError(f"unknown metric(s) {unknown}; choose from {list(M.ALL_METRICS)}")
+    if "judge" in metrics and not have_judge:
+        raise MoecraftError("metric 'judge' needs --judge module:function")
+
+
 def score_items(
     items: list[EvalItem], predictions: list[str], metrics: list[str], code_timeout: float = 10.0,
     judge=None, rubric: str | None = None,
 ) -> tuple[dict[str, float], list[dict[str, float | None]]]:
     """Task-level scores (0-100) and per-example scores (0/1 or [0, 1]) for each metric."""
-    unknown = [m for m in metrics if m not in M.ALL_METRICS]
-    if unknown:
-        raise MoecraftError(f"unknown metric(s) {unknown}; choose from {list(M.ALL_METRICS)}")
+    check_metrics(metrics, judge is not None)
     per_ex: list[dict[str, float | None]] = [{} for _ in items]
     summary: dict[str, float] = {}
     refs = [it.references for it in items]
@@ -105,12 +112,25 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, out: Path | None = None, p
         judge, rubric = load_judge(cfg.judge), load_rubric(cfg.judge_rubric)
     from moecraft.eval.generation import generate_texts
 
-    results: dict = {"tasks": {}}
+    # Read and check every input before generating anything: a bad second task or perplexity file must not
+    # fail after minutes of generation, with half of the predictions written.
+    tasks = []
     for source in cfg.tasks:
         items = load_items(source, tokenizer, cfg.limit, cfg.chat_template)
         metrics = list(cfg.metrics) or infer_metrics(source, items)
         if judge is not None and "judge" not in metrics:
             metrics.append("judge")
+        check_metrics(metrics, judge is not None)
+        tasks.append((source, items, metrics))
+    ppl_records = None
+    if cfg.perplexity_data:
+        from moecraft.data import load_records
+        from moecraft.models import check_sequence_length
+
+        check_sequence_length(model, cfg.seq_len)
+        ppl_records = load_records(cfg.perplexity_data, cfg.perplexity_limit)
+    results: dict = {"tasks": {}}
+    for source, items, metrics in tasks:
         preds = generate_texts(
             model, tokenizer, [it.prompt for it in items], cfg.max_new_tokens, cfg.batch_size, cfg.temperature,
             cfg.stop, cfg.seed, progress, desc=f"generate {source}",
@@ -124,13 +144,11 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, out: Path | None = None, p
                 for it, p, s in zip(items, preds, per_ex):
                     f.write(json.dumps({"prompt": it.prompt, "prediction": p, "references": it.references,
                                         "scores": s}, ensure_ascii=False) + "\n")
-    if cfg.perplexity_data:
-        from moecraft.data import load_records
+    if ppl_records is not None:
         from moecraft.eval.perplexity import perplexity
 
-        recs = load_records(cfg.perplexity_data, cfg.perplexity_limit)
-        results["perplexity"] = {"data": cfg.perplexity_data,
-                                 **perplexity(model, tokenizer, recs, cfg.seq_len, cfg.batch_size, progress)}
+        ppl = perplexity(model, tokenizer, ppl_records, cfg.seq_len, cfg.batch_size, progress)
+        results["perplexity"] = {"data": cfg.perplexity_data, **ppl}
     if cfg.lm_eval_tasks:
         from moecraft.eval.lm_eval_bridge import run_lm_eval
 
@@ -176,9 +194,11 @@ def load_for_eval(cfg: EvalConfig):
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Python API of ``moecraft eval``: results dict, also written to ``cfg.out/results.json``."""
+    from moecraft.files import check_output_folder
     from moecraft.runinfo import seed_everything, write_run_info
 
     seed_everything(cfg.seed)
+    check_output_folder(cfg.out, "--out")
     model, tok = load_for_eval(cfg)
     out = Path(cfg.out)
     results = evaluate_model(model, tok, cfg, out)

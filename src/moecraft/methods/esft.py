@@ -36,6 +36,12 @@ def check_expert_config(ec: ExpertConfig, model: nn.Module, where: str) -> None:
     bad = sorted(set(ec.experts) - {layer.index for layer in layers})
     if bad:
         raise MoecraftError(f"{where}: layers {bad} are not MoE layers of this model ({[m.index for m in layers]})")
+    for layer in layers:  # the file need not record num_experts: check every id against the model itself
+        n_routed = layer.experts.num_experts
+        out_of_range = [i for i in ec.experts.get(layer.index, []) if not 0 <= i < n_routed]
+        if out_of_range:
+            raise MoecraftError(f"{where}: layer {layer.index}: expert ids {out_of_range} out of range: the model "
+                                f"has {n_routed} routed experts per layer (ids 0..{n_routed - 1})")
     if not any(ec.experts.values()):
         raise MoecraftError(f"{where}: selects no experts at all; nothing to train")
 

@@ -18,6 +18,7 @@ from torch import nn
 from moecraft.artifacts import base_fingerprint, check_base
 from moecraft.config import dump_yaml, load_yaml
 from moecraft.errors import MoecraftError
+from moecraft.files import read_json
 from moecraft.pesc.arch import decoder_layers, dense_arch
 from moecraft.pesc.config import CraftConfig
 from moecraft.pesc.layer import PescMoE
@@ -143,6 +144,8 @@ def save_artifact(model: nn.Module, out_dir: str | Path, cfg: CraftConfig | None
 
 def read_config(artifact_dir: str | Path) -> CraftConfig:
     path = Path(artifact_dir) / CONFIG
+    if not Path(artifact_dir).is_dir():
+        raise MoecraftError(f"artifact folder not found: {artifact_dir}")
     if not path.is_file():
         raise MoecraftError(f"{artifact_dir} is not a PESC artifact (no {CONFIG})")
     return load_yaml(CraftConfig, path)
@@ -154,7 +157,7 @@ def load_artifact(base_model: nn.Module, artifact_dir: str | Path) -> nn.Module:
     cfg = read_config(artifact)
     fp_path = artifact / FINGERPRINT
     if fp_path.is_file():
-        check_base(json.loads(fp_path.read_text()), base_model, str(artifact))
+        check_base(read_json(fp_path, "base fingerprint"), base_model, str(artifact), cfg.model)
     weights = artifact / WEIGHTS
     if not weights.is_file():
         raise MoecraftError(f"{artifact}: missing {WEIGHTS}")

@@ -1,12 +1,23 @@
-"""Atomic training checkpoints for ``--resume``: trainable tensors, optimiser, scheduler, step, data, RNG.
+"""Atomic, verified training checkpoints for ``--resume``, on one process or many (DDP, FSDP2).
 
-A checkpoint is written to ``<out>/checkpoint.tmp``, every file fsynced, then renamed over
-``<out>/checkpoint`` (the previous one is kept as ``checkpoint.old`` until the rename is done), so a
-run killed at any moment leaves one complete checkpoint behind.
+``<out>/checkpoint/`` holds ``trainable.safetensors`` (the trainable tensors, full, by name: they load on
+one device whatever engine wrote them), ``optimizer.pt`` (the full optimiser state keyed by parameter
+name), ``state.pt`` (step, scheduler, run settings), ``rng-<rank>.pt`` (each process's RNG) and, written
+last, ``manifest.json`` with the size and sha256 of every other file.
+
+Writing: everything goes to ``checkpoint.tmp``, each file is fsynced, then the folder is renamed over
+``checkpoint`` (the previous one waits as ``checkpoint.old`` until the rename is done). A run killed at
+any moment therefore leaves a complete checkpoint behind; a folder that fails its manifest (partial copy,
+bit rot, a hand edit) is reported and never loaded.
+
+DeepSpeed keeps its optimiser partitioned inside its engine, so under DeepSpeed the optimiser part is the
+engine's own checkpoint (``deepspeed/``, frozen parameters excluded) inside the same folder and manifest.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import shutil
@@ -20,19 +31,74 @@ from torch import nn
 from moecraft.errors import MoecraftError
 
 NAME = "checkpoint"
+MANIFEST = "manifest.json"
 
 
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    fd = os.open(path, os.O_RDONLY)
+class CorruptCheckpointError(MoecraftError):
+    """A checkpoint folder that is partial or whose files do not match their recorded hashes."""
+
+
+# ----------------------------------------------------------------------------- files
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in [*folder.rglob("*"), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)}
+    (folder / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+
+
+def verify(folder: Path) -> dict:
+    """The manifest of ``folder`` after checking every file against it; CorruptCheckpointError otherwise."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise CorruptCheckpointError(f"{folder}: partial checkpoint (no {MANIFEST}); it was not loaded")
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        manifest = json.loads(manifest_path.read_text())
+        recorded = manifest["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptCheckpointError(
+            f"{folder}/{MANIFEST} is unreadable ({exc}); the checkpoint was not loaded") from exc
+    present = {str(p.relative_to(folder)) for p in _files(folder)}
+    if missing := sorted(set(recorded) - present):
+        raise CorruptCheckpointError(f"{folder}: missing {', '.join(missing)}; the checkpoint was not loaded")
+    if extra := sorted(present - set(recorded)):
+        raise CorruptCheckpointError(f"{folder}: unexpected {', '.join(extra)}; the checkpoint was not loaded")
+    for name, meta in recorded.items():
+        path = folder / name
+        if path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
+            raise CorruptCheckpointError(f"{folder}: {name} does not match its sha256 in {MANIFEST} "
+                                         "(corrupted or partly written); the checkpoint was not loaded")
+    return manifest
 
 
+def find_checkpoint(out_dir: Path) -> Path | None:
+    """The checkpoint to resume from: ``checkpoint``, or ``checkpoint.old`` if a kill fell between renames."""
+    for name in (NAME, f"{NAME}.old"):
+        path = Path(out_dir) / name
+        if path.is_dir():
+            return path
+    return None
+
+
+# ----------------------------------------------------------------------------- state
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -48,45 +114,109 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out_dir: Path, model: nn.Module, optimizer, scheduler, state: dict) -> Path:
-    """Write the trainable tensors (by name), optimiser/scheduler state, ``state`` (step, ...) and RNG."""
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly FSDP2-sharded) parameter; a collective when sharded."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full CPU copies of the trainable tensors, by name. Every process must call it (FSDP2 gathers)."""
+    return {n: _full(p.detach()).to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def optimizer_state(model: nn.Module, optimizer, sharded: bool) -> dict:
+    """The whole optimiser state keyed by parameter name (gathered from FSDP2 shards when ``sharded``).
+
+    A collective when sharded: every process calls it; the full state is on CPU.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=sharded, cpu_offload=sharded)
+    return get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=options)
+
+
+def load_optimizer_state(model: nn.Module, optimizer, state: dict, sharded: bool) -> None:
+    """Inverse of :func:`optimizer_state` on a fresh optimiser; when ``sharded`` only process 0 needs ``state``
+    (the others may pass ``{}``): it is broadcast and each process keeps its own shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    optimizer.zero_grad(set_to_none=True)  # torch initialises the state to load into only when no grads exist
+    options = StateDictOptions(full_state_dict=sharded, broadcast_from_rank0=sharded)
+    set_optimizer_state_dict(model, optimizer, state, options=options)
+
+
+def _is_sharded(accelerator) -> bool:
+    return accelerator.distributed_type.name == "FSDP"
+
+
+# ----------------------------------------------------------------------------- save / load
+def save_checkpoint(out_dir: Path, accelerator, model, optimizer, scheduler, state: dict) -> Path:
+    """Write a checkpoint of the prepared ``model`` / ``optimizer`` (collective: every process calls it)."""
     out_dir = Path(out_dir)
     final, tmp, old = out_dir / NAME, out_dir / f"{NAME}.tmp", out_dir / f"{NAME}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tensors = {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(tensors, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state,
-                "rng": rng_state()}, tmp / "state.pt")
-    _fsync_dir(tmp)
-    if final.exists():
+    main = accelerator.is_main_process
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    tensors = trainable_tensors(accelerator.unwrap_model(model))
+    deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
+    if deepspeed:  # the engine's own collective save; frozen experts are not written
+        model.save_checkpoint(str(tmp / "deepspeed"), tag="latest", exclude_frozen_parameters=True)
+        optim = None
+    else:
+        optim = optimizer_state(model, optimizer, _is_sharded(accelerator))
+    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    if main:
+        save_file(tensors, str(tmp / "trainable.safetensors"))
+        if optim is not None:
+            torch.save(optim, tmp / "optimizer.pt")
+        torch.save({"state": state, "scheduler": scheduler.state_dict(),
+                    "num_processes": accelerator.num_processes}, tmp / "state.pt")
+    accelerator.wait_for_everyone()
+    if main:
+        write_manifest(tmp, state["step"])
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
     return final
 
 
-def find_checkpoint(out_dir: Path) -> Path | None:
-    for name in (NAME, f"{NAME}.old"):  # .old survives a kill between the two renames
-        path = Path(out_dir) / name
-        if (path / "state.pt").is_file() and (path / "trainable.safetensors").is_file():
-            return path
-    return None
+def read_checkpoint(path: Path, model: nn.Module, num_processes: int) -> dict:
+    """Verify ``path`` and copy its trainable tensors into the *unprepared* ``model``; returns state.pt.
 
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
-    """Restore everything :func:`save_checkpoint` wrote; returns the saved ``state``."""
+    Call before ``accelerator.prepare`` so that the engine shards the restored tensors itself.
+    """
+    verify(path)
+    blob = torch.load(path / "state.pt", weights_only=False)
+    if blob["num_processes"] != num_processes:
+        raise MoecraftError(f"{path} was written by {blob['num_processes']} process(es); resume with the same "
+                            f"number (this run has {num_processes}): data order and RNG are per process")
     tensors = load_file(str(path / "trainable.safetensors"))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(tensors) != set(params):
         raise MoecraftError(f"{path}: checkpoint does not match this run's trainable tensors "
-                            f"(different method or options?)")
+                            "(different method or options?)")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name].to(p.device, p.dtype))
-    blob = torch.load(path / "state.pt", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
+    return blob
+
+
+def restore_optimizer(path: Path, blob: dict, accelerator, model, optimizer, scheduler) -> None:
+    """Load optimiser, scheduler and this process's RNG from a checkpoint verified by :func:`read_checkpoint`."""
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        model.load_checkpoint(str(path / "deepspeed"), tag="latest", load_module_strict=False,
+                              load_optimizer_states=True, load_lr_scheduler_states=False)
+    else:
+        sharded = _is_sharded(accelerator)
+        optim = torch.load(path / "optimizer.pt", weights_only=False) if accelerator.is_main_process or not sharded \
+            else {}
+        load_optimizer_state(model, optimizer, optim, sharded)
     scheduler.load_state_dict(blob["scheduler"])
-    set_rng_state(blob["rng"])
-    return blob["state"]
+    set_rng_state(torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=False))

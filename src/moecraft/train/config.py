@@ -65,6 +65,8 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata=_h("recompute activations in backward"))
     dtype: str = field(default="auto", metadata=_h("model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"))
     seed: int = field(default=0, metadata=_h("seed of data order, init and dropout"))
+    deterministic: bool = field(
+        default=False, metadata=_h("bit-reproducible runs (torch deterministic algorithms; slower on GPU)"))
     # --- bookkeeping
     eval_every: int = field(default=0, metadata=_h("eval loss every N steps (0 = only at the end)"))
     save_every: int = field(default=0, metadata=_h("checkpoint every N steps (0 = no checkpoints)"))

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
+from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,10 +25,11 @@ from moecraft.config import dump_yaml
 from moecraft.data import BUILTIN_PREFIX, load_records, sample_sequences
 from moecraft.errors import MoecraftError
 from moecraft.methods import get_method
-from moecraft.models import load_model
+from moecraft.models import check_sequence_length, load_model
 from moecraft.runinfo import seed_everything, write_run_info
-from moecraft.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from moecraft.train.checkpoint import find_checkpoint, read_checkpoint, restore_optimizer, save_checkpoint
 from moecraft.train.config import TrainConfig
+from moecraft.train.distributed import check_engine, gathered, mark_zero3_leaf_modules
 
 Seq = tuple[list[int], list[int]]
 
@@ -52,9 +56,9 @@ def _eval_source(cfg: TrainConfig) -> str | None:
     return None
 
 
-def build_data(cfg: TrainConfig, tokenizer) -> tuple[list[Seq], list[Seq]]:
+def build_data(cfg: TrainConfig, tokenizer, num_processes: int = 1) -> tuple[list[Seq], list[Seq]]:
     """(train sequences, eval sequences), packed to ``seq_len`` with response-token loss masks."""
-    n_train = cfg.max_steps * cfg.batch_size * cfg.grad_accum
+    n_train = cfg.max_steps * cfg.batch_size * cfg.grad_accum * num_processes
     records = load_records(cfg.data, limit=cfg.max_records)
     eval_src = _eval_source(cfg)
     if eval_src:
@@ -68,9 +72,10 @@ def build_data(cfg: TrainConfig, tokenizer) -> tuple[list[Seq], list[Seq]]:
         eval_records = [records[i] for i in order[:n_eval]]
         records = [records[i] for i in order[n_eval:]]
     n_mix = round(n_train * cfg.mix_ratio) if cfg.mix_data else 0
+    mix_records = load_records(cfg.mix_data, limit=cfg.max_records) if cfg.mix_data else []  # checked even if unused
     train = sample_sequences(records, tokenizer, n_train - n_mix, cfg.seq_len, cfg.seed, response_only=True)
     if n_mix:
-        mix = sample_sequences(load_records(cfg.mix_data, limit=cfg.max_records), tokenizer, n_mix, cfg.seq_len,
+        mix = sample_sequences(mix_records, tokenizer, n_mix, cfg.seq_len,
                                cfg.seed, response_only=True)
         train = train + mix
         random.Random(cfg.seed + 2).shuffle(train)
@@ -117,29 +122,95 @@ def _resolve_dtype(cfg: TrainConfig, device) -> torch.dtype | str:
     return resolve_dtype(cfg.dtype)
 
 
-def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
-    """Train ``cfg.model`` with ``cfg.method`` and write the artifact to ``cfg.out``; returns a summary.
-
-    ``stop_after`` stops after that many optimiser steps without saving the artifact (a stand-in for a
-    killed run; the last checkpoint is what ``--resume`` continues from).
-    """
-    from accelerate import Accelerator
-
+def _check(cfg: TrainConfig) -> None:
     if cfg.max_steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise MoecraftError("max_steps, batch_size and grad_accum must be at least 1")
     if not 0 <= cfg.mix_ratio < 1:
         raise MoecraftError(f"mix_ratio must be in [0, 1), got {cfg.mix_ratio}")
+
+
+# settings that may change between a killed run and its --resume; any other change would alter the run
+_RESUMABLE_CHANGES = {"out", "resume", "progress", "log_every", "eval_every", "save_every", "deterministic"}
+
+
+def _run_settings(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in _RESUMABLE_CHANGES}
+
+
+def _check_same_run(saved: dict, cfg: TrainConfig, ckpt: Path) -> None:
+    now = _run_settings(cfg)
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if changed:
+        raise MoecraftError(f"{ckpt} belongs to a run with other settings ({', '.join(changed)}); resume with the "
+                            "same settings, or train into a new --out")
+
+
+def _micro_batch(train_seqs: list[Seq], cfg: TrainConfig, step: int, micro: int, rank: int, world: int) -> list[Seq]:
+    """The sequences of one micro-batch: a pure function of (step, micro, rank), so a resumed run sees the
+    same data, and ``world`` processes with ``grad_accum`` g see exactly what one process with g*world does."""
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    start = step * per_step + (micro * world + rank) * cfg.batch_size
+    return [train_seqs[(start + i) % len(train_seqs)] for i in range(cfg.batch_size)]
+
+
+def _oom_advice(cfg: TrainConfig, step: int) -> MoecraftError:
+    tips = [f"lower --batch-size (now {cfg.batch_size}) and raise --grad-accum (now {cfg.grad_accum}) to keep "
+            "the same tokens per step", f"lower --seq-len (now {cfg.seq_len})"]
+    if not cfg.gradient_checkpointing:
+        tips.append("add --gradient-checkpointing")
+    if cfg.method == "fft":
+        tips.append("use --method esft or lora, which keep no optimiser state for frozen weights")
+    tips.append("or shard over several GPUs (docs/distributed.md)")
+    return MoecraftError(f"out of memory at step {step + 1}. Try: " + "; ".join(tips) + ". "
+                         + ("Resume from the last checkpoint with --resume." if cfg.save_every else ""))
+
+
+def _not_finite(what: str, value: float, step: int, out: Path) -> MoecraftError:
+    ckpt = find_checkpoint(out)
+    kept = f"the last good checkpoint is kept in {ckpt}" if ckpt else "no checkpoint was written (--save-every)"
+    return MoecraftError(f"{what} is {value} at step {step + 1}; stopped before the update, {kept}. "
+                         "Lower --lr, keep --max-grad-norm on, or check the data of this step.")
+
+
+def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
+    """Train ``cfg.model`` with ``cfg.method`` and write the artifact to ``cfg.out``; returns a summary.
+
+    Runs on one process or on several (``accelerate launch`` with DDP, FSDP2 or DeepSpeed): each process
+    trains on its own micro-batches of the same seeded sequence order. ``stop_after`` stops after that many
+    optimiser steps without saving the artifact (a stand-in for a killed run).
+    """
+    if not cfg.deterministic:
+        return _train(cfg, stop_after)
+    # multi-threaded CPU kernels (and CUDA atomics) may sum in any order; this pins them, for this run only
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _train(cfg, stop_after)
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def _train(cfg: TrainConfig, stop_after: int | None) -> dict:
+    from accelerate import Accelerator
+
+    _check(cfg)
     method = get_method(cfg.method)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    device = accelerator.device
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    check_engine(accelerator, cfg.batch_size, cfg.grad_accum)
+    deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
     seed_everything(cfg.seed)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise MoecraftError(f"--out {out} is an existing file; give a folder path")
 
     if hasattr(method, "load_base"):  # e.g. PESC loads a 4-bit QLoRA base where CUDA + bitsandbytes allow
         model, tokenizer = method.load_base(cfg, device)
     else:
         model, tokenizer = load_model(cfg.model, dtype=_resolve_dtype(cfg, device))
+    check_sequence_length(model, cfg.seq_len)
     fingerprint = base_fingerprint(model)
     fingerprint["base_bytes"] = model_bytes(model)
     model = method.prepare(model, cfg)
@@ -147,6 +218,19 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     model.train()
+    mark_zero3_leaf_modules(model, accelerator)
+
+    ckpt = find_checkpoint(out) if cfg.resume else None
+    blob, step = None, 0
+    if ckpt is not None:  # restore the trainable tensors before the engine shards them
+        blob = read_checkpoint(ckpt, model, world)
+        _check_same_run(blob["state"]["settings"], cfg, ckpt)
+        step = blob["state"]["step"]
+        if main:
+            print(f"resuming from {ckpt} at step {step}")
+    elif cfg.resume and main:
+        print(f"--resume: no checkpoint in {out}; starting from step 0")
+
     groups = method.param_groups(model, cfg.weight_decay)
     n_opt = sum(p.numel() for g in groups for p in g["params"])
     if n_opt == 0:
@@ -155,75 +239,95 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     model, optimizer = accelerator.prepare(model, optimizer)
+    # the engine may have replaced the parameters (FSDP2 shards them): clip what the optimiser now holds
+    trained = [p for g in optimizer.param_groups for p in g["params"]]
+    if blob is not None:
+        restore_optimizer(ckpt, blob, accelerator, model, optimizer, scheduler)
 
-    train_seqs, eval_seqs = build_data(cfg, tokenizer)
+    train_seqs, eval_seqs = build_data(cfg, tokenizer, world)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a bad input above leaves nothing behind
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     metrics_path = out / "metrics.jsonl"
-    step = 0
-    ckpt = find_checkpoint(out) if cfg.resume else None
-    if ckpt is not None:
-        step = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)["step"]
+    if main:
         kept = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln).get("step", 0) <= step] \
-            if metrics_path.is_file() else []
+            if blob is not None and metrics_path.is_file() else []
         metrics_path.write_text("".join(ln + "\n" for ln in kept))
-    else:
-        metrics_path.write_text("")
-    (out / "train_config.yaml").write_text(dump_yaml(cfg))
-    write_run_info(out, cfg)
+        (out / "train_config.yaml").write_text(dump_yaml(cfg))
+        write_run_info(out, cfg)
 
-    per_step = cfg.batch_size * cfg.grad_accum
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.method}", disable=not cfg.progress,
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.method}", disable=not (cfg.progress and main),
                dynamic_ncols=True)
     last = {}
     t0, tokens = time.perf_counter(), 0
     while step < cfg.max_steps:
         optimizer.zero_grad(set_to_none=True)
-        loss_sum, extra_logs = 0.0, {}
-        for micro in range(cfg.grad_accum):
-            start = (step * per_step + micro * cfg.batch_size) % len(train_seqs)  # data position = step
-            seqs = [train_seqs[(start + i) % len(train_seqs)] for i in range(cfg.batch_size)]
-            batch = collate(seqs, pad_id, device)
-            tokens += int(batch["attention_mask"].sum())
-            loss = model(**batch).loss
-            extra = method.extra_loss(accelerator.unwrap_model(model))
-            if extra.loss is not None:
-                loss = loss + extra.loss
-            extra_logs = extra.logs
-            accelerator.backward(loss / cfg.grad_accum)
-            loss_sum += float(loss.detach()) / cfg.grad_accum
-        grad_norm = None
-        if cfg.max_grad_norm > 0:
-            grad_norm = float(accelerator.clip_grad_norm_([p for g in groups for p in g["params"]],
-                                                          cfg.max_grad_norm))
+        loss_sum, extra_logs = torch.zeros((), device=device), {}
+        try:
+            for micro in range(cfg.grad_accum):
+                batch = collate(_micro_batch(train_seqs, cfg, step, micro, rank, world), pad_id, device)
+                tokens += int(batch["attention_mask"].sum()) * world
+                # gradients are all-reduced once per optimiser step, on the last micro-batch
+                sync = nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model)
+                with sync:
+                    output = model(**batch)
+                    loss = output.loss
+                    if not bool((batch["labels"][:, 1:] != -100).any()):
+                        # no target token (e.g. only prompts): the loss would be 0/0 = nan; count it as 0
+                        # but keep the graph so every process still joins the gradient all-reduce
+                        loss = output.logits.sum() * 0.0
+                    extra = method.extra_loss(accelerator.unwrap_model(model))
+                    if extra.loss is not None:
+                        loss = loss + extra.loss
+                    extra_logs = extra.logs
+                    # DeepSpeed divides by its own gradient_accumulation_steps (= grad_accum, see check_engine)
+                    accelerator.backward(loss if deepspeed else loss / cfg.grad_accum)
+                loss_sum += loss.detach() / cfg.grad_accum
+        except torch.OutOfMemoryError as exc:
+            raise _oom_advice(cfg, step) from exc
+        loss_value = float(accelerator.reduce(loss_sum, reduction="mean"))
+        if not math.isfinite(loss_value):
+            raise _not_finite("the training loss", loss_value, step, out)
+        # the norm is wanted even without clipping: a non-finite gradient must never reach the weights
+        norm = accelerator.clip_grad_norm_(trained, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        grad_norm = None if norm is None else float(norm)  # None: DeepSpeed clips inside its engine
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            raise _not_finite("the gradient norm", grad_norm, step, out)
         cur_lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         step += 1
         elapsed = time.perf_counter() - t0
-        last = {"step": step, "loss": loss_sum, "lr": cur_lr, "grad_norm": grad_norm,
+        last = {"step": step, "loss": loss_value, "lr": cur_lr, "grad_norm": grad_norm,
                 "tokens_per_s": tokens / elapsed if elapsed else None, **extra_logs}
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             last["eval_loss"] = eval_loss(model, eval_seqs, pad_id, device)
-        if step % cfg.log_every == 0 or "eval_loss" in last:
+        if main and (step % cfg.log_every == 0 or "eval_loss" in last):
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(last) + "\n")
-        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{cur_lr:.2e}", tok_s=f"{last['tokens_per_s'] or 0:.0f}")
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{cur_lr:.2e}", tok_s=f"{last['tokens_per_s'] or 0:.0f}")
         bar.update(1)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, {"step": step})
+            save_checkpoint(out, accelerator, model, optimizer, scheduler,
+                            {"step": step, "settings": _run_settings(cfg)})
         if stop_after is not None and step >= stop_after and step < cfg.max_steps:
             bar.close()
             return {"out": str(out), "steps": step, "stopped": True}
     bar.close()
 
     final_eval = eval_loss(model, eval_seqs, pad_id, device)
-    with metrics_path.open("a") as fh:
-        fh.write(json.dumps({"step": step, "eval_loss": final_eval, "final": True}) + "\n")
     unwrapped = accelerator.unwrap_model(model)
-    method.save(unwrapped, out, cfg)
-    manifest = write_manifest(out, method=cfg.method, base=cfg.model, fingerprint=fingerprint,
-                              extra={"optimizer_parameters": n_opt, "steps": step})
+    manifest = None
+    with gathered(unwrapped, deepspeed=deepspeed):
+        if main:
+            with metrics_path.open("a") as fh:
+                fh.write(json.dumps({"step": step, "eval_loss": final_eval, "final": True}) + "\n")
+            method.save(unwrapped, out, cfg)
+            manifest = write_manifest(out, method=cfg.method, base=cfg.model, fingerprint=fingerprint,
+                                      extra={"optimizer_parameters": n_opt, "steps": step, "processes": world,
+                                             "engine": accelerator.distributed_type.name})
+    accelerator.wait_for_everyone()
     summary = {"out": str(out), "steps": step, "train_loss": last.get("loss"), "eval_loss": final_eval,
-               "optimizer_parameters": n_opt, "artifact_bytes": manifest["artifact_bytes"],
-               "base_bytes": manifest["base_bytes"], "model": unwrapped}
+               "optimizer_parameters": n_opt, "model": unwrapped, "main_process": main,
+               "artifact_bytes": manifest["artifact_bytes"] if manifest else None,
+               "base_bytes": manifest["base_bytes"] if manifest else None}
     return summary
