@@ -56,15 +56,21 @@ def _fused_grad_rows(model, sel):
     return out
 
 
-@pytest.mark.parametrize("kind", FAMILIES)
-def test_gradients_only_for_selected_experts(kind):
-    base = _model(kind, "eager", torch.float64)
+def _only_selected_trainable(base):
+    """A copy of ``base`` with sparse experts in which only the selected experts require grad."""
     wrapped = copy.deepcopy(base)
     sel = _selection(base)
     apply_sparse_experts(wrapped, sel)
     wrapped.requires_grad_(False)
     for m in sparse_modules(wrapped).values():
         m.trainable.requires_grad_(True)
+    return wrapped, sel
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_gradients_only_for_selected_experts(kind):
+    base = _model(kind, "eager", torch.float64)
+    wrapped, sel = _only_selected_trainable(base)
     ids = _ids(1)
     base(ids, labels=ids).loss.backward()
     wrapped(ids, labels=ids).loss.backward()
@@ -91,12 +97,7 @@ def test_one_adamw_step_matches_masked_dense_reference(kind, impl, dtype, tol):
     """Sparse step == plain AdamW on the full fused tensors with unselected grads zeroed, no decay on them."""
     lr, wd = 1e-3, 0.1
     base = _model(kind, impl, dtype)
-    wrapped = copy.deepcopy(base)
-    sel = _selection(base)
-    apply_sparse_experts(wrapped, sel)
-    wrapped.requires_grad_(False)
-    for m in sparse_modules(wrapped).values():
-        m.trainable.requires_grad_(True)
+    wrapped, sel = _only_selected_trainable(base)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
     ids = _ids(2)
