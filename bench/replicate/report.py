@@ -1,0 +1,425 @@
+"""Render ``exp/results.json`` as ``RESULTS.md`` (tables) and ``report/report.html`` (tables + plots).
+
+Every number in a table cites the commands behind it (``c<N>``, listed at the end with their command lines,
+run inside the output folder). The section on the papers' claims is computed here from the numbers: each
+claim is the paper's qualitative statement, the evidence is the measured comparison, and the verdict follows
+a stated rule (task scores: a difference counts when it exceeds two binomial standard errors; perplexity:
+when it exceeds 1% relative; one seed unless the scale lists more, so run-to-run variation is not measured).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from moecraft.analysis.report import image_html, section, write_report  # noqa: E402
+from replicate.common import TASKS, Layout, read_json, read_jsonl  # noqa: E402
+from replicate.runner import records  # noqa: E402
+
+Table = tuple[str, list[str], list[list[str]], str]  # title, headers, rows, note
+
+
+# ----------------------------------------------------------------------------- helpers
+class Cites:
+    """Short ids for step ids, in order of first use."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, str] = {}
+
+    def __call__(self, *steps: str | None) -> str:
+        out = []
+        for s in steps:
+            if s:
+                self.ids.setdefault(s, f"c{len(self.ids) + 1}")
+                out.append(self.ids[s])
+        return " ".join(dict.fromkeys(out))
+
+
+def num(x: float | None, unit: str = "", digits: int = 3) -> str:
+    """``1.23M`` parameters, ``45.6 MB``, ``0.123 s``; ``n/a`` for a missing value."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    if unit in ("params", "B"):
+        for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k"), (1, "")):
+            if abs(x) >= factor or factor == 1:
+                return f"{x / factor:.{digits}g}{' ' + prefix + 'B' if unit == 'B' else prefix}"
+    return f"{x:.{digits}g}" + (f" {unit}" if unit else "")
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:+.1f}%"
+
+
+def mean(xs: list[float]) -> float:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def se(score: dict) -> float:
+    """Binomial standard error (points) of a 0-100 score on n items, with add-half smoothing."""
+    n = score["n"]
+    p = (score["value"] / 100 * n + 0.5) / (n + 1)
+    return 100 * math.sqrt(p * (1 - p) / n)
+
+
+def grouped(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows by method (seeds and tasks together), in first-seen order."""
+    out: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        out[r["method"]].append(r)
+    return out
+
+
+def task_score(rows: list[dict], task: str) -> dict | None:
+    """Mean score of ``task`` over the rows' distinct evaluations (seeds), with their total item count."""
+    vals = list({r["scores"][task]["step"]: r["scores"][task] for r in rows if task in r["scores"]}.values())
+    if not vals:
+        return None
+    return {"value": mean([v["value"] for v in vals]), "n": sum(v["n"] for v in vals), "metric": vals[0]["metric"]}
+
+
+def mean_score(rows: list[dict]) -> tuple[float, float]:
+    """Mean over tasks of the task score and its standard error."""
+    s = [task_score(rows, t) for t in TASKS]
+    s = [x for x in s if x]
+    return mean([x["value"] for x in s]), math.sqrt(sum(se(x) ** 2 for x in s)) / max(1, len(s))
+
+
+def ppl_change(rows: list[dict], base: list[dict], dom: str) -> float:
+    """Mean relative change (%) of held-out perplexity against the base model."""
+    b = mean([r["ppl"][dom]["ppl"] for r in base if dom in r["ppl"]])
+    return 100 * (mean([r["ppl"][dom]["ppl"] for r in rows if dom in r["ppl"]]) / b - 1)
+
+
+def mem(r: dict) -> float | None:
+    return r.get("peak_gpu_bytes") or r.get("peak_rss_bytes")
+
+
+# ----------------------------------------------------------------------------- tables
+def tables(res: dict, cite: Cites) -> list[Table]:
+    out: list[Table] = []
+    doms = res["domains"]
+    esft, t3, pesc = grouped(res["esft"]), grouped(res["table3"]), grouped(res["pesc"])
+    moe_total = res["models"]["moe"]["parameters"]["total"]
+    dense_total = res["models"]["dense"]["parameters"]["total"]
+    gpu = any(r.get("peak_gpu_bytes") for r in res["esft"] + res["pesc"])
+    mem_name = "peak GPU memory" if gpu else "peak RSS"
+
+    rows = []
+    for name, info in res["models"].items():
+        p = info["parameters"]
+        rows.append([name, info["architecture"], num(p["total"], "params"), num(p["active"], "params"),
+                     num(p["embedding"], "params"), num(info["tokens_seen"], "params"), str(info["steps"]),
+                     num(info["wall_s"], "s"), *[num(info["heldout_ppl"][d]) for d in doms], info["precision"]])
+    out.append(("Pretrained models", ["model", "class", "parameters", "active / token", "embeddings", "tokens seen",
+                                      "steps", "time", *[f"held-out ppl {d}" for d in doms], "precision"], rows,
+                "Pretraining (pretrain.py) by: " + "; ".join(sorted({i["command"] for i in res["models"].values()}))
+                + ". Held-out perplexity over the first windows of each domain's held-out split."))
+    rows = [[n, s["domain"], "yes" if s["available"] else f"no ({s['package']})", str(s["documents"]),
+             str(s["heldout_documents"]), f"{s['bytes'] / 1e6:.2f}"] for n, s in res["corpus"]["sources"].items()]
+    out.append(("Corpus", ["source", "domain", "installed", "documents", "held out", "MB"], rows,
+                f"Held-out rule: {res['corpus']['split_rule']}; tokenizer: byte-level BPE, "
+                f"{res['tokenizer']['vocab_size']} tokens."))
+
+    headers = ["method", "lr", *[f"{t} ({task_score(esft['vanilla'], t)['metric']})" for t in TASKS], "mean",
+               "commands"]
+    rows = []
+    for m, rs in esft.items():
+        ms, s = mean_score(rs)
+        rows.append([m, num(rs[0]["lr"]), *[f"{task_score(rs, t)['value']:.1f}" for t in TASKS],
+                     f"{ms:.1f} ± {s:.1f}", cite(*[r["train_step"] for r in rs], *[e for r in rs for e in r["eval_steps"]])])
+    n_test = ", ".join(f"{t}: n={task_score(esft['vanilla'], t)['n']}" for t in TASKS)
+    passes = ", ".join(f"{t} {d['passes']} passes over {d['unique_train_records']} rows"
+                       for t, d in res["data"]["tasks"].items())
+    out.append(("ESFT Table 1 in miniature: task performance (MoE model)", headers, rows,
+                f"Scores 0-100 on the test sets ({n_test}); mean ± one binomial standard error. Each fine-tuned "
+                f"row is a model trained on that task alone, mixed {res['scale']['mix_ratio']:.0%} with alignment "
+                f"text ({passes})."))
+
+    rows = []
+    for m, rs in esft.items():
+        rows.append([m, *[f"{mean([r['ppl'][d]['ppl'] for r in rs]):.2f} ({pct(ppl_change(rs, esft['vanilla'], d))})"
+                          for d in doms], pct(mean([ppl_change(rs, esft["vanilla"], d) for d in doms])),
+                     cite(*[r["ppl"][d]["step"] for r in rs for d in doms])])
+    out.append(("ESFT Table 2 in miniature: general ability kept (held-out perplexity per pretraining domain)",
+                ["method", *[f"{d} ppl (change)" for d in doms], "mean change", "commands"], rows,
+                "Lower is better; averaged over the per-task models; change relative to the vanilla model. The "
+                "alignment stand-in mixed into training is training-split text of these domains, so fine-tuning also "
+                "continues pretraining and perplexity can fall below the vanilla model's."))
+
+    rows = []
+    for m, rs in [*esft.items(), *t3.items()]:
+        if m == "vanilla":
+            continue
+        tp = mean([r["trainable_params"] for r in rs])
+        sel = [r["selected_fraction"] for r in rs if "selected_fraction" in r]
+        rows.append([m, num(tp, "params"), f"{100 * tp / moe_total:.2f}%", f"{100 * mean(sel):.1f}%" if sel else "",
+                     num(mean([r["step_s"] for r in rs]), "s"), num(mean([mem(r) for r in rs]), "B"),
+                     num(mean([r["artifact_bytes"] for r in rs]), "B"),
+                     f"{100 * mean([r['artifact_bytes'] / r['base_bytes'] for r in rs]):.1f}%",
+                     cite(*[r["train_step"] for r in rs])])
+    out.append(("ESFT efficiency (paper §5.2, Table 3 parameters)",
+                ["method", "trainable parameters", "of all", "routed experts trained", "step time", mem_name,
+                 "artifact", "of base", "commands"], rows,
+                "Step time from moecraft's tokens/s (batch x seq_len / tokens per second, checkpoint writes included); "
+                f"peak memory of the training process; means over tasks. Base model: {num(moe_total, 'params')} parameters."))
+
+    config = {"fft": ("all", "✓", "✓"), "esft-gate+shared+non-expert": ("relevant", "✓", "✓"),
+              "esft-gate+shared": ("relevant", "✓", "×"), "esft-gate": ("relevant", "×", "×"),
+              "vanilla": ("×", "×", "×")}
+    rows = []
+    for m, (rel, sh, ne) in config.items():
+        rs = (esft | t3).get(m)
+        if rs:
+            ms, s = mean_score(rs)
+            rows.append([m, rel, sh, ne, num(mean([r["trainable_params"] for r in rs]), "params"), f"{ms:.1f} ± {s:.1f}",
+                         pct(mean([ppl_change(rs, esft["vanilla"], d) for d in doms])),
+                         cite(*[r["train_step"] for r in rs], *[e for r in rs for e in r["eval_steps"]])])
+    out.append(("ESFT Table 3 in miniature: shared vs non-shared parameters",
+                ["config", "routed experts", "shared experts", "non-expert modules", "trainable", "specialized (mean score)",
+                 "general (mean ppl change)", "commands"], rows,
+                "Rows 'shared experts only' (× ✓ ×, × ✓ ✓) are missing: moecraft refuses an expert config that "
+                "selects no routed expert ('nothing to train'), even with shared experts switched on."))
+
+    rows = [[t, fn, str(s["p"]), f"{100 * s['selected_fraction']:.1f}%",
+             " ".join(f"L{k}:{v}" for k, v in s["per_layer"].items()), cite(s["step"])]
+            for t, fns in res["selection"].items() for fn, s in fns.items()]
+    out.append(("ESFT expert selection (eq. 8, the paper's p)", ["task", "score", "p", "routed experts selected",
+                                                                 "per MoE layer", "commands"], rows, ""))
+
+    pr = res["probe"]
+    rows = [[lab, *[f"{v:.2f}" for v in row]] for lab, row in zip(pr["labels"], pr["shared_top_k"])]
+    out.append(("ESFT Figure 2 in miniature: shared top-k experts between samples", ["", *pr["labels"]], rows,
+                f"Mean over MoE layers of |top-{pr['k']}(A) ∩ top-{pr['k']}(B)| by token selection ratio; "
+                f"a and b are disjoint halves of one task's training data. Same task (a vs b): "
+                f"{pr['same_task_mean']:.2f}; different tasks: {pr['cross_task_mean']:.2f}; random expert sets: "
+                f"{pr['chance']:.2f}. Tokens per sample: {min(pr['n_tokens'].values())}-{max(pr['n_tokens'].values())}. "
+                f"Commands: {cite(pr['step'])}."))
+
+    rows = [[s["model"], s["method"], num(s["lr"]), f"{s['eval_loss']:.4f}",
+             "✓" if res["chosen_lr"][s["model"]].get(s["method"]) == s["lr"] else "", cite(s["step"])]
+            for s in res["sweep"]]
+    out.append(("Learning-rate choice (validation loss)", ["model", "method", "lr", "final validation loss", "chosen",
+                                                           "commands"], rows,
+                "As in the paper, one rate per method from a small grid; chosen on the first task (MoE) or the mix (dense)."))
+
+    rows = []
+    for m, rs in pesc.items():
+        ms, s = mean_score(rs)
+        tp = mean([r["trainable_params"] for r in rs])
+        rows.append([m, num(rs[0]["lr"]), *[f"{task_score(rs, t)['value']:.1f}" for t in TASKS], f"{ms:.1f} ± {s:.1f}",
+                     *[pct(ppl_change(rs, pesc["vanilla"], d)) for d in doms], num(tp, "params"),
+                     f"{100 * tp / dense_total:.2f}%", num(mean([r.get("step_s") for r in rs]), "s"),
+                     num(mean([mem(r) for r in rs]), "B"), num(mean([r["artifact_bytes"] for r in rs]), "B"),
+                     cite(*[r["train_step"] for r in rs], *[e for r in rs for e in r["eval_steps"]])])
+    out.append(("PESC in miniature: dense model crafted into an MoE vs dense baselines (instruction mix)",
+                ["method", "lr", *TASKS, "mean", *[f"{d} ppl change" for d in doms], "trainable", "of base",
+                 "step time", mem_name, "artifact", "commands"], rows,
+                f"PESC: {res['scale']['pesc_num_experts']} adapter experts (dim {res['scale']['pesc_adapter_dim']}), "
+                f"top-{res['scale']['pesc_top_k']}, unquantised base; lora-eq: LoRA of rank {res['lora_eq_rank']} on every "
+                "linear layer, chosen to match PESC's trainable parameters; fft: every parameter."))
+    return out
+
+
+# ----------------------------------------------------------------------------- claims
+def claims(res: dict) -> list[tuple[str, str, str]]:
+    """(paper's claim, measured evidence, verdict) triples, all computed from ``res``."""
+    esft, t3, pesc = grouped(res["esft"]), grouped(res["table3"]), grouped(res["pesc"])
+    doms = res["domains"]
+    out = []
+
+    def score_claim(claim: str, a: list[dict], b: list[dict], na: str, nb: str, comparable: bool) -> None:
+        (sa, ea), (sb, eb) = mean_score(a), mean_score(b)
+        diff, err = sa - sb, math.sqrt(ea**2 + eb**2)
+        if comparable:
+            v = "holds" if diff >= -2 * err else "does not hold"
+        else:
+            v = "holds" if diff > 2 * err else "does not hold" if diff < -2 * err else "inconclusive (within 2 SE)"
+        out.append((claim, f"mean task score {na} {sa:.1f} vs {nb} {sb:.1f} (difference {diff:+.1f}, 2 SE = {2 * err:.1f})", v))
+
+    def forget_claim(claim: str, a: list[dict], b: list[dict], base: list[dict], na: str, nb: str) -> None:
+        ca, cb = (mean([ppl_change(x, base, d) for d in doms]) for x in (a, b))
+        v = "holds" if ca < cb - 1 else "does not hold" if ca > cb + 1 else "inconclusive (within 1%)"
+        out.append((claim, f"held-out perplexity change vs vanilla: {na} {pct(ca)}, {nb} {pct(cb)}", v))
+
+    for m in ("esft-gate", "esft-token"):
+        score_claim(f"{m} reaches task performance comparable to (or better than) FFT (Table 1)",
+                    esft[m], esft["fft"], m, "fft", comparable=True)
+        score_claim(f"{m} outperforms LoRA on the tasks (Table 1)", esft[m], esft["lora"], m, "lora", comparable=False)
+        forget_claim(f"{m} keeps general ability better than FFT (Table 2)", esft[m], esft["fft"], esft["vanilla"], m, "fft")
+    for m in ("esft-gate", "esft-token"):
+        a, f = esft[m], esft["fft"]
+        for what, key in (("storage (artifact size)", "artifact_bytes"), ("training time (step time)", "step_s"),
+                          ("training memory", None)):
+            va = mean([(r[key] if key else mem(r)) for r in a])
+            vf = mean([(r[key] if key else mem(r)) for r in f])
+            if math.isnan(va) or math.isnan(vf):
+                continue
+            out.append((f"{m} needs less {what} than FFT (§5.2)",
+                        f"{m} {num(va, 'B' if key != 'step_s' else 's')} vs fft {num(vf, 'B' if key != 'step_s' else 's')} "
+                        f"({pct(100 * (va / vf - 1))})", "holds" if va < vf else "does not hold"))
+    fracs = {f"{t}/{fn}": s["selected_fraction"] for t, fns in res["selection"].items() for fn, s in fns.items()}
+    inside = [k for k, v in fracs.items() if 0.05 <= v <= 0.15]
+    out.append(("At the paper's p, ESFT trains 5-15% of the routed experts (§6.1)",
+                ", ".join(f"{k} {100 * v:.1f}%" for k, v in fracs.items()),
+                "holds" if len(inside) == len(fracs) else f"holds for {len(inside)} of {len(fracs)}"))
+    pr = res["probe"]
+    out.append(("Expert sets of one task are consistent across samples and distinct across tasks (Figure 2)",
+                f"shared top-{pr['k']} experts: same task {pr['same_task_mean']:.2f}, different tasks "
+                f"{pr['cross_task_mean']:.2f}, random sets {pr['chance']:.2f}",
+                "holds" if pr["same_task_mean"] > pr["cross_task_mean"] else "does not hold"))
+    order = [m for m in ("esft-gate", "esft-gate+shared", "esft-gate+shared+non-expert", "fft") if (esft | t3).get(m)]
+    rows = [(mean([r["trainable_params"] for r in (esft | t3)[m]]), mean_score((esft | t3)[m])[0],
+             mean([ppl_change((esft | t3)[m], esft["vanilla"], d) for d in doms])) for m in order]
+    for i, (claim, col) in enumerate((("Specialized performance rises with the trainable parameters (Table 3)", 1),
+                                      ("General performance falls as more shared parameters are trained (Table 3)", 2))):
+        tau = kendall([r[0] for r in rows], [r[col] for r in rows])
+        out.append((claim, f"Kendall tau between trainable parameters and {'mean score' if i == 0 else 'perplexity change'} "
+                           f"over {', '.join(order)}: {tau:+.2f}",
+                    "holds" if tau > 0 else "does not hold" if tau < 0 else "inconclusive"))
+    score_claim("PESC outperforms its dense counterpart tuned on the same instructions (dense FFT)",
+                pesc["pesc"], pesc["fft"], "pesc", "fft", comparable=False)
+    score_claim("The crafted MoE, not the parameter count, helps: PESC beats dense LoRA with as many trainable parameters",
+                pesc["pesc"], pesc["lora-eq"], "pesc", "lora-eq", comparable=False)
+    forget_claim("PESC mitigates forgetting compared with dense fine-tuning (FFT)", pesc["pesc"], pesc["fft"],
+                 pesc["vanilla"], "pesc", "fft")
+    return out
+
+
+def kendall(x: list[float], y: list[float]) -> float:
+    """Kendall's tau-a: (concordant - discordant pairs) / pairs."""
+    prods = [(x[i] - x[j]) * (y[i] - y[j]) for i in range(len(x)) for j in range(i + 1, len(x))]
+    return sum((p > 0) - (p < 0) for p in prods) / len(prods) if prods else 0.0
+
+
+# ----------------------------------------------------------------------------- plots
+def plots(layout: Layout, res: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths, doms = [], res["domains"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for kind in ("moe", "dense"):
+        log = read_jsonl(layout.pretrain(kind) / "log.jsonl")
+        ax.plot([r["step"] for r in log], [r["loss"] for r in log], label=f"{kind} ({res['models'][kind]['architecture']})")
+    ax.set(xlabel="step", ylabel="training loss", title="pretraining")
+    ax.legend()
+    paths.append(_save(fig, out / "pretraining.png"))
+
+    for key, title in (("esft", "ESFT (MoE model)"), ("pesc", "PESC (dense model)")):
+        groups = grouped(res[key] + (res["table3"] if key == "esft" else []))
+        base = groups["vanilla"]
+        fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+        names = list(groups)
+        width = 0.8 / len(TASKS)
+        for i, t in enumerate(TASKS):
+            vals = [(task_score(groups[m], t) or {"value": 0})["value"] for m in names]
+            axes[0].bar([k + i * width for k in range(len(names))], vals, width, label=t)
+        axes[0].set(title=f"{title}: task score", ylabel="score (0-100)")
+        width = 0.8 / len(doms)
+        for i, d in enumerate(doms):
+            axes[1].bar([k + i * width for k in range(len(names))], [ppl_change(groups[m], base, d) for m in names],
+                        width, label=d)
+        axes[1].axhline(0, color="k", lw=0.5)
+        axes[1].set(title=f"{title}: held-out perplexity change vs vanilla", ylabel="%")
+        for ax in axes:
+            ax.set_xticks([k + 0.4 - width / 2 for k in range(len(names))], names, rotation=30, ha="right")
+            ax.legend()
+        paths.append(_save(fig, out / f"{key}.png"))
+
+    rows = [r for r in res["esft"] + res["table3"] if r["method"] != "vanilla"]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+    for ax, (label, get) in zip(axes, (("trainable parameters", lambda r: r["trainable_params"]),
+                                        ("artifact bytes", lambda r: r["artifact_bytes"]),
+                                        ("step time (s)", lambda r: r["step_s"] or 0),
+                                        ("peak memory (bytes)", lambda r: mem(r) or 0))):
+        g = grouped(rows)
+        ax.bar(list(g), [mean([get(r) for r in rs]) for rs in g.values()])
+        ax.set(title=label, yscale="log" if label.startswith(("trainable", "artifact")) else "linear")
+        ax.tick_params(axis="x", rotation=45)
+    paths.append(_save(fig, out / "efficiency.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for (model, method), pts in _sweep_series(res["sweep"]).items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{model}: {method}")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="final validation loss", title="learning-rate choice")
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, out / "sweep.png"))
+    return paths
+
+
+def _sweep_series(sweep: list[dict]) -> dict[tuple[str, str], list[tuple[float, float]]]:
+    out: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
+    for s in sweep:
+        out[(s["model"], s["method"])].append((s["lr"], s["eval_loss"]))
+    return out
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- output
+def markdown_table(t: Table) -> str:
+    title, headers, rows, note = t
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    lines = [f"### {title}", "", "| " + " | ".join(map(esc, headers)) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
+    return "\n".join(lines + ([f"\n{note}"] if note else []) + [""])
+
+
+def html_table(t: Table) -> str:
+    title, headers, rows, note = t
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return section(title, f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>", note=note or None)
+
+
+def write(layout: Layout, publish: bool = False) -> list[Path]:
+    """Write RESULTS.md and report/report.html; with ``publish`` also bench/replicate/RESULTS.md."""
+    res = read_json(layout.exp / "results.json")
+    cmds = records(layout.root)
+    cite = Cites()
+    tabs = tables(res, cite)
+    verdicts = claims(res)
+    smoke = res["scale"]["name"] == "smoke"
+    mach = res["machine"]
+    meta = (f"Scale '{res['scale']['name']}'; seeds {res['scale']['seeds']}; machine: {mach.get('gpu', 'no GPU')}, "
+            f"{mach['cpu']} ({mach['cpu_count']} CPUs), torch {mach['torch']}, transformers {mach['transformers']}, "
+            f"CUDA {mach['cuda']}. Commands run inside the output folder ({layout.root.name}/).")
+    banner = ("**Smoke run: tiny models and a few steps on CPU. The numbers only show that the pipeline works; they "
+              "say nothing about the papers.**\n\n" if smoke else "")
+    claim_rows = [[c, e, v] for c, e, v in verdicts]
+    claim_table: Table = ("Where the papers' claims hold at this scale and where not", ["paper's claim", "measured here",
+                                                                                         "verdict"], claim_rows,
+                          "Computed from the tables above by report.py (rules in its docstring).")
+    appendix = [[cid, f"`{cmds[s]['command']}`" if s in cmds else s, num(cmds.get(s, {}).get("wall_s"), "s")]
+                for s, cid in cite.ids.items()]
+    stage_cmds = sorted({r["command"] for r in read_jsonl(layout.root / "stages.jsonl")}) if (
+        layout.root / "stages.jsonl").is_file() else []
+    cmd_table: Table = ("Commands", ["id", "command", "wall time"], appendix,
+                        "Pipeline commands (corpus, tokenizer, pretraining, data files): " + "; ".join(stage_cmds))
+    md = "\n".join(["# Miniature replication of ESFT and PESC: results", "", banner + meta, "",
+                    "Produced by `python bench/replicate/run.py`; see bench/replicate/README.md.", "",
+                    *[markdown_table(t) for t in [*tabs, claim_table, cmd_table]]])
+    results_md = layout.root / "RESULTS.md"
+    results_md.write_text(md, encoding="utf-8")
+    figs = plots(layout, res, layout.root / "report")
+    probe_png = layout.exp / "probe" / "analysis" / "overlap_shared_topk.png"
+    sections = [section("Plots", *[image_html(p) for p in figs], *([image_html(probe_png)] if probe_png.is_file() else [])),
+                *[html_table(t) for t in [claim_table, *tabs, cmd_table]]]
+    report = write_report(layout.root / "report" / "report.html", "Miniature replication of ESFT and PESC", sections,
+                          ("SMOKE RUN (plumbing only). " if smoke else "") + meta)
+    written = [results_md, report]
+    if publish:
+        written.append(Path(shutil.copyfile(results_md, Path(__file__).with_name("RESULTS.md"))))
+    return written

@@ -1,0 +1,101 @@
+"""One entry point for the miniature ESFT + PESC replication.
+
+    python bench/replicate/run.py --stage all [--smoke] [--out DIR] [--time-budget SECONDS]
+
+Stages run in order (corpus, tokenizer, pretrain, experiments, report) and skip whatever is already done in
+``--out``, so the same command repeated finishes the experiment in parts. Exit status 0: every requested
+stage is done; 3: ``--time-budget`` was spent first (run the same command again); anything else: an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+# import as the package ``replicate`` (bench/ on the path), not as loose modules from this folder
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+from replicate import corpus, experiments, pretrain, report, tokenizer  # noqa: E402
+from replicate.common import SCALES, Layout, Scale  # noqa: E402
+from replicate.runner import Budget, OutOfTime, Runner  # noqa: E402
+
+STAGES = ("corpus", "tokenizer", "pretrain", "experiments", "report")
+MORE_TO_DO = 3
+
+
+def done_markers(layout: Layout) -> dict[str, list[Path]]:
+    """The files whose presence means a stage is complete."""
+    return {"corpus": [layout.corpus / "manifest.json"], "tokenizer": [layout.tokenizer / "tokenizer_info.json"],
+            "pretrain": [layout.model(k) / "info.json" for k in ("moe", "dense")],
+            "experiments": [layout.exp / "results.json"], "report": [layout.root / "RESULTS.md"]}
+
+
+def run_stage(stage: str, layout: Layout, scale: Scale, budget: Budget, mode: str, command: str) -> None:
+    t0 = time.monotonic()
+    print(f"== stage {stage} ({scale.name}) -> {layout.root}", flush=True)
+    markers = done_markers(layout)
+    missing = [s for s in STAGES[: STAGES.index(stage)] if not all(p.is_file() for p in markers[s])]
+    if missing:
+        raise SystemExit(f"stage {stage} needs stage(s) {', '.join(missing)} first (or --stage all)")
+    if stage == "corpus":
+        if not (layout.corpus / "manifest.json").is_file():
+            corpus.build(layout.corpus, scale)
+    elif stage == "tokenizer":
+        if not (layout.tokenizer / "tokenizer_info.json").is_file():
+            max_len = max(scale.moe["max_position_embeddings"], scale.dense["max_position_embeddings"])
+            tokenizer.train(layout.corpus, layout.tokenizer, scale, max_len)
+    elif stage == "pretrain":
+        for kind in ("moe", "dense"):
+            status = pretrain.pretrain(kind, layout, scale, budget.remaining(), seed=scale.seeds[0], command=command)
+            if not status["done"]:
+                raise OutOfTime(f"pretrain {kind}")
+    elif stage == "experiments":
+        experiments.run(layout, scale, Runner(layout.root, mode, budget))
+    else:
+        for path in report.write(layout, publish=scale.name == "full"):
+            print(f"  wrote {path}", flush=True)
+    with (layout.root / "stages.jsonl").open("a") as f:
+        f.write(json.dumps({"stage": stage, "command": command, "wall_s": round(time.monotonic() - t0, 2),
+                            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--stage", choices=("all", *STAGES), default="all")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU version of everything (the test suite's)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/replicate[-smoke])")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="stop cleanly after about this many seconds (exit 3); the same call again continues")
+    parser.add_argument("--exec", dest="mode", choices=("subprocess", "inprocess"), default=None,
+                        help="how moecraft commands run (default: subprocess; inprocess with --smoke)")
+    args = parser.parse_args(argv)
+    scale = SCALES["smoke" if args.smoke else "full"]
+    out = args.out or Path("runs") / ("replicate-smoke" if args.smoke else "replicate")
+    layout = Layout(out.resolve())
+    layout.root.mkdir(parents=True, exist_ok=True)
+    layout.check_scale(scale)
+    mode = args.mode or ("inprocess" if args.smoke else "subprocess")
+    if args.smoke:
+        import torch
+
+        torch.set_num_threads(1)  # tiny models: thread start-up costs more than it saves
+    budget = Budget(args.time_budget)
+    command = "python bench/replicate/run.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    try:
+        for stage in STAGES if args.stage == "all" else (args.stage,):
+            run_stage(stage, layout, scale, budget, mode, command)
+    except OutOfTime as exc:
+        print(f"time budget spent during {exc}; run the same command again to continue", flush=True)
+        return MORE_TO_DO
+    print(f"done: {args.stage} ({scale.name}) in {layout.root}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
