@@ -119,3 +119,9 @@ def test_cli_train_and_errors(tmp_path, capsys):
     assert rc == 2 and "family 'deepseek_v2'" in capsys.readouterr().err
     rc = main(["train", "--model", "tiny:mixtral", "--data", "builtin:intent", "--out", str(tmp_path / "x")])
     assert rc == 2 and "--experts" in capsys.readouterr().err
+
+
+def test_pure_bf16_trainable_weights_warn_about_lost_updates(tmp_path):
+    cfg = _cfg(tmp_path, "qwen3_moe", dtype="bfloat16", max_steps=1)  # ESFT trains the bf16 experts themselves
+    with pytest.warns(UserWarning, match="no fp32 master copy"):
+        train(cfg)

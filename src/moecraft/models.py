@@ -135,6 +135,9 @@ def load_model(
     if name_or_path.startswith(TINY_PREFIX):
         tokenizer = byte_tokenizer()
         model = tiny_model(name_or_path[len(TINY_PREFIX) :], seed=seed, tokenizer=tokenizer)
+        dtype = resolve_dtype(dtype)
+        if isinstance(dtype, torch.dtype):
+            model = model.to(dtype)
         return model.to(device).eval(), tokenizer
     path = Path(name_or_path).expanduser()
     if path.exists():

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -236,6 +237,11 @@ def _train(cfg: TrainConfig, stop_after: int | None) -> dict:
     if n_opt == 0:
         raise MoecraftError(f"method '{cfg.method}' left nothing to train")
     lr = cfg.lr if cfg.lr is not None else method.default_lr
+    half = {p.dtype for g in groups for p in g["params"]} & {torch.bfloat16, torch.float16}
+    if half and main:  # no fp32 master copy: an Adam step of ~lr is below bf16's resolution of most weights
+        warnings.warn(f"trainable weights are {sorted(map(str, half))} with no fp32 master copy: updates smaller "
+                      "than ~0.4% of a weight are rounded away (ESFT's lr 1e-5 mostly is). For fp32 master "
+                      "weights use --dtype float32 under `accelerate launch --mixed_precision bf16`.", stacklevel=2)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     model, optimizer = accelerator.prepare(model, optimizer)
