@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moecraft.cli import main
+from moecraft.errors import MoecraftError
 from moecraft.esft.sparse import remove_sparse_experts
 from moecraft.families import moe_layers
 from moecraft.models import tiny_model
@@ -124,4 +125,18 @@ def test_cli_train_and_errors(tmp_path, capsys):
 def test_pure_bf16_trainable_weights_warn_about_lost_updates(tmp_path):
     cfg = _cfg(tmp_path, "qwen3_moe", dtype="bfloat16", max_steps=1)  # ESFT trains the bf16 experts themselves
     with pytest.warns(UserWarning, match="no fp32 master copy"):
+        train(cfg)
+
+
+def test_no_routed_experts_but_shared_experts_trains_only_the_shared_ones(tmp_path):
+    # paper Table 3: shared experts (or non-expert modules) alone, no routed expert selected
+    path = tmp_path / "none.json"
+    path.write_text(json.dumps({"format": "moecraft.expert_config/1", "family": "deepseek_v2", "experts": {}}))
+    cfg = _cfg(tmp_path, "deepseek_v2", experts=str(path), train_shared_experts=True)
+    before = tiny_model("deepseek_v2").state_dict()
+    after = train(cfg)["model"].state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".shared_experts." in k for k in changed)
+    cfg.train_shared_experts = False
+    with pytest.raises(MoecraftError, match="selects no experts at all"):
         train(cfg)

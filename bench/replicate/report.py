@@ -186,8 +186,8 @@ def tables(res: dict, cite: Cites) -> list[Table]:
     out.append(("ESFT Table 3 in miniature: shared vs non-shared parameters",
                 ["config", "routed experts", "shared experts", "non-expert modules", "trainable", "specialized (mean score)",
                  "general (mean ppl change)", "commands"], rows,
-                "Rows 'shared experts only' (× ✓ ×, × ✓ ✓) are missing: moecraft refuses an expert config that "
-                "selects no routed expert ('nothing to train'), even with shared experts switched on."))
+                "Rows 'shared experts only' (× ✓ ×, × ✓ ✓) are not in this experiment's plan yet (moecraft "
+                "trains them: an expert config with no routed expert plus --train-shared-experts)."))
 
     rows = [[t, fn, str(s["p"]), f"{100 * s['selected_fraction']:.1f}%",
              " ".join(f"L{k}:{v}" for k, v in s["per_layer"].items()), cite(s["step"])]

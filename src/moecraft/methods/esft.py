@@ -24,8 +24,12 @@ from moecraft.methods import ExtraLoss, trainable_param_groups
 EXPERT_CONFIG = "expert_config.json"
 
 
-def check_expert_config(ec: ExpertConfig, model: nn.Module, where: str) -> None:
-    """The expert config must be for this model's family, expert count and MoE layers."""
+def check_expert_config(ec: ExpertConfig, model: nn.Module, where: str, others_trained: bool = False) -> None:
+    """The expert config must be for this model's family, expert count and MoE layers.
+
+    No routed expert at all is allowed only when something else is trained (``others_trained``: shared
+    experts or non-expert modules, the paper's Table 3 ablations).
+    """
     family = get_family(model).name
     if ec.family and ec.family != family:
         raise MoecraftError(f"{where}: written for family '{ec.family}', the model is '{family}'")
@@ -42,7 +46,7 @@ def check_expert_config(ec: ExpertConfig, model: nn.Module, where: str) -> None:
         if out_of_range:
             raise MoecraftError(f"{where}: layer {layer.index}: expert ids {out_of_range} out of range: the model "
                                 f"has {n_routed} routed experts per layer (ids 0..{n_routed - 1})")
-    if not any(ec.experts.values()):
+    if not any(ec.experts.values()) and not others_trained:
         raise MoecraftError(f"{where}: selects no experts at all; nothing to train")
 
 
@@ -54,10 +58,11 @@ class ESFT:
         if not getattr(cfg, "experts", None):
             raise MoecraftError("--method esft needs --experts (an expert config from `moecraft select`)")
         ec = ExpertConfig.load(cfg.experts)  # validates ids (range, repeats)
-        check_expert_config(ec, model, str(cfg.experts))
         shared = ec.train_shared_experts if cfg.train_shared_experts is None else cfg.train_shared_experts
         non_expert = ec.train_non_expert_modules if cfg.train_non_expert_modules is None else cfg.train_non_expert_modules
         layers = moe_layers(model)
+        has_shared = any(layer.shared for layer in layers)
+        check_expert_config(ec, model, str(cfg.experts), others_trained=non_expert or (shared and has_shared))
         model.requires_grad_(False)
         if non_expert:
             model.requires_grad_(True)
