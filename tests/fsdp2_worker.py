@@ -2,8 +2,8 @@
 
 accelerate only runs FSDP on accelerators, so this drives torch's ``fully_shard`` directly, with the same
 pieces the training loop uses under FSDP2: ESFT's sparse experts (frozen and trainable tensors in one
-FSDP unit), the optimiser groups of the method, ``trainable_tensors``, ``optimizer_state`` /
-``load_optimizer_state`` and ``gathered`` for saving the artifact. With one process (imported by the
+FSDP unit), the optimiser groups of the method, ``optimizer_state`` / ``load_optimizer_state``, and
+``gathered`` with ``trainable_tensors`` and the method's save, as checkpoints and artifacts are written. With one process (imported by the
 test) it is the unsharded reference.
 
     python tests/fsdp2_worker.py OUT EXPERT_CONFIG
@@ -58,14 +58,14 @@ def run(out: Path, experts: str, rank: int = 0, world: int = 1) -> None:
 
     frozen_with_grad = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
     state = optimizer_state(model, optimizer, sharded)  # full, by name (a collective)
-    tensors = trainable_tensors(model)  # full (a collective)
     fresh = torch.optim.AdamW(esft.param_groups(model, 0.1), lr=1e-3)
     load_optimizer_state(model, fresh, state, sharded)
     reloaded = optimizer_state(model, fresh, sharded)
     round_trip = rank != 0 or all(torch.equal(reloaded["state"][n][k], v) for n, s in state["state"].items()
                                   for k, v in s.items() if torch.is_tensor(v))  # full state lives on process 0
-    with gathered(model):
+    with gathered(model):  # a collective: FSDP2 swaps the whole tensors in
         if rank == 0:
+            tensors = trainable_tensors(model)
             (out / "artifact").mkdir(parents=True, exist_ok=True)
             esft.save(model, out / "artifact", cfg)
     if rank == 0:

@@ -7,13 +7,14 @@ numbers, never in code path.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from moecraft.files import sha256_file  # noqa: F401  (one file hash for the project; re-exported)
 
 REPO = Path(__file__).resolve().parents[2]
 ESFT_DATA = Path(os.environ.get("REPLICATE_ESFT_DATA", REPO.parent / "shared" / "data" / "esft"))
@@ -191,14 +192,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def read_jsonl(path: Path) -> list[dict]:
     with Path(path).open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def machine() -> dict:

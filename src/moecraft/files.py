@@ -1,7 +1,8 @@
-"""Small JSON file helpers shared by the score, expert-config and artifact files."""
+"""Small file helpers: JSON for score, expert-config and artifact files; output-path checks; file hashes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -40,3 +41,12 @@ def check_output_folder(path: str | Path, option: str) -> None:
     """Fail before any work when an output folder path is an existing file."""
     if Path(path).exists() and not Path(path).is_dir():
         raise MoecraftError(f"{option} {path} is an existing file; give a folder path")
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

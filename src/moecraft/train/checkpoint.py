@@ -16,7 +16,6 @@ engine's own checkpoint (``deepspeed/``, frozen parameters excluded) inside the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -29,6 +28,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moecraft.errors import MoecraftError
+from moecraft.files import sha256_file
+from moecraft.train.distributed import gathered
 
 NAME = "checkpoint"
 MANIFEST = "manifest.json"
@@ -39,14 +40,6 @@ class CorruptCheckpointError(MoecraftError):
 
 
 # ----------------------------------------------------------------------------- files
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
@@ -61,7 +54,7 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def write_manifest(folder: Path, step: int) -> None:
-    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)}
+    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in _files(folder)}
     (folder / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
 
 
@@ -83,7 +76,7 @@ def verify(folder: Path) -> dict:
         raise CorruptCheckpointError(f"{folder}: unexpected {', '.join(extra)}; the checkpoint was not loaded")
     for name, meta in recorded.items():
         path = folder / name
-        if path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
+        if path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
             raise CorruptCheckpointError(f"{folder}: {name} does not match its sha256 in {MANIFEST} "
                                          "(corrupted or partly written); the checkpoint was not loaded")
     return manifest
@@ -114,14 +107,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a (possibly FSDP2-sharded) parameter; a collective when sharded."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full CPU copies of the trainable tensors, by name. Every process must call it (FSDP2 gathers)."""
-    return {n: _full(p.detach()).to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """CPU copies of the trainable tensors, by name; call inside :func:`gathered` when the model is sharded."""
+    return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def optimizer_state(model: nn.Module, optimizer, sharded: bool) -> dict:
@@ -160,8 +148,10 @@ def save_checkpoint(out_dir: Path, accelerator, model, optimizer, scheduler, sta
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    tensors = trainable_tensors(accelerator.unwrap_model(model))
     deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
+    unwrapped = accelerator.unwrap_model(model)
+    with gathered(unwrapped, deepspeed=deepspeed):  # whole tensors (FSDP2, ZeRO-3); only the writer copies them
+        tensors = trainable_tensors(unwrapped) if main else None
     if deepspeed:  # the engine's own collective save; frozen experts are not written
         model.save_checkpoint(str(tmp / "deepspeed"), tag="latest", exclude_frozen_parameters=True)
         optim = None

@@ -25,6 +25,7 @@ from moecraft.artifacts import base_fingerprint, model_bytes, write_manifest
 from moecraft.config import dump_yaml
 from moecraft.data import BUILTIN_PREFIX, load_records, sample_sequences
 from moecraft.errors import MoecraftError
+from moecraft.files import check_output_folder
 from moecraft.methods import get_method
 from moecraft.models import check_sequence_length, load_model
 from moecraft.runinfo import seed_everything, write_run_info
@@ -204,8 +205,7 @@ def _train(cfg: TrainConfig, stop_after: int | None) -> dict:
     deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
     seed_everything(cfg.seed)
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise MoecraftError(f"--out {out} is an existing file; give a folder path")
+    check_output_folder(out, "--out")
 
     if hasattr(method, "load_base"):  # e.g. PESC loads a 4-bit QLoRA base where CUDA + bitsandbytes allow
         model, tokenizer = method.load_base(cfg, device)
