@@ -564,3 +564,24 @@ def test_sample_without_response_tokens(capsys, tmp_path):
     data = write_lines(tmp_path / "d.jsonl", [json.dumps({"prompt": "x" * 200, "response": "y"})])
     msg = fails(capsys, *SCORE, "--data", data, "--seq-len", "16", "--response-only")
     assert msg.startswith("the 1 sampled sequence(s) of 16 tokens hold no response tokens")
+
+
+def test_expert_parallel_settings_checked_before_any_work(capsys, tmp_path):
+    folder = save_tiny(tmp_path / "base", "deepseek_v2")
+    experts = tmp_path / "experts.json"
+    experts.write_text(json.dumps({"format": "moecraft.expert_config/1", "experts": {"1": [0]}}))
+    out = tmp_path / "run"
+    train = ["train", "--model", folder, "--data", "builtin:intent", "--out", out, "--seq-len", "64",
+             "--max-steps", "1", "--experts", experts, "--expert-parallel", "2"]
+    assert fails(capsys, *train, "--method", "lora").startswith("--expert-parallel is for --method esft (got lora)")
+    assert fails(capsys, *train).startswith("--expert-parallel 2 must equal the number of processes (1)")
+    assert files_under(out) == []
+
+
+def test_lora_experts_with_dropout(capsys, tmp_path):
+    out = tmp_path / "run"
+    msg = fails(capsys, "train", "--model", "tiny:deepseek_v2", "--data", "builtin:intent", "--out", out,
+                "--method", "lora", "--lora-experts", "true", "--lora-dropout", "0.1", "--seq-len", "64",
+                "--max-steps", "1")
+    assert msg.startswith("lora_experts needs lora_dropout 0 (got 0.1)")
+    assert files_under(out) == []

@@ -9,7 +9,15 @@ from moecraft.cli import main
 from moecraft.errors import MoecraftError
 from moecraft.methods import get_method
 from moecraft.models import byte_tokenizer, tiny_model
-from moecraft.pesc import CraftConfig, craft_model, generate, load_artifact, pesc_layers, save_artifact
+from moecraft.pesc import (
+    CraftConfig,
+    craft_model,
+    generate,
+    load_artifact,
+    mark_trainable,
+    pesc_layers,
+    save_artifact,
+)
 from moecraft.pesc.craft import WEIGHTS
 
 KINDS = ["llama", "mistral", "qwen2"]
@@ -157,3 +165,96 @@ def test_generic_artifact_loader_reads_craft_outputs_and_names_missing_folders(t
         assert torch.equal(loaded(ids).logits, model.eval()(ids).logits)
     with pytest.raises(MoecraftError, match="artifact folder not found: .*nowhere"):
         artifacts.load_artifact(tiny_model("llama"), tmp_path / "nowhere")
+
+
+def _crafted64(expert="adapter", seed=0):
+    """A crafted tiny Llama in float64 with non-zero experts, so every token's route matters."""
+    model = tiny_model("llama").double()
+    craft_model(model, CraftConfig(expert=expert, num_experts=4, top_k=2, adapter_dim=4, seed=seed))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".experts." in n:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.2)
+    return model.eval()
+
+
+def _ffn_inputs(model):
+    """Forward pre-hooks that record each PESC layer's input hidden states."""
+    seen, handles = {}, []
+    for i, layer in pesc_layers(model):
+        handles.append(layer.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].detach())))
+    return seen, handles
+
+
+@pytest.mark.parametrize("expert", ["adapter", "lora"])
+def test_aux_loss_of_padded_batch_equals_unpadded_and_hand_computation(expert):
+    from moecraft.pesc import aux_loss, expert_usage
+
+    model = _crafted64(expert)
+    real = _ids(4)[:1, :7]  # one sequence of 7 real tokens
+    pad = torch.full((1, 3), 2)
+    ones = torch.ones(1, 7, dtype=torch.long)
+    with torch.no_grad():
+        model(real, attention_mask=ones)
+        want, want_usage = aux_loss(model), expert_usage(model)
+        for ids, mask in [(torch.cat([real, pad], 1), torch.cat([ones, torch.zeros(1, 3, dtype=torch.long)], 1)),
+                          (torch.cat([pad, real], 1), torch.cat([torch.zeros(1, 3, dtype=torch.long), ones], 1))]:
+            model(ids, attention_mask=mask)  # right, then left padding
+            torch.testing.assert_close(aux_loss(model), want, rtol=1e-9, atol=1e-12)
+            for i, u in expert_usage(model).items():
+                assert u == pytest.approx(want_usage[i], abs=1e-12)
+
+    # a two-row batch: against float64 plain PyTorch on each layer's real tokens only
+    ids = _ids(5)[:, :9]
+    mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5])
+    seen, handles = _ffn_inputs(model)
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    for h in handles:
+        h.remove()
+    want, with_padding = [], []
+    for i, layer in pesc_layers(model):
+        for rows, out in ((seen[i][mask.bool()], want), (seen[i].reshape(-1, 64), with_padding)):
+            logits = rows @ layer.router.weight.T
+            probs = torch.softmax(logits, -1)
+            top = torch.topk(logits, 2).indices
+            f = torch.tensor([(top == e).sum().item() / (rows.shape[0] * 2) for e in range(4)], dtype=torch.float64)
+            out.append(4 * (f * probs.mean(0)).sum())
+    torch.testing.assert_close(aux_loss(model), torch.stack(want).mean(), rtol=1e-12, atol=1e-12)
+    assert abs(torch.stack(with_padding).mean().item() - aux_loss(model).item()) > 1e-4
+
+
+def test_aux_loss_under_gradient_checkpointing_and_interleaved_forwards():
+    from moecraft.pesc import aux_loss
+
+    ids, mask = _ids(6)[:, :8], torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    grads = []
+    for checkpointing in (False, True):
+        model = _crafted64()
+        mark_trainable(model)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        out = model(ids, attention_mask=mask, labels=ids)
+        loss = aux_loss(model)
+        # another forward (another batch shape) before the backward: the first loss keeps its own mask
+        model(_ids(7)[:1, :5], attention_mask=torch.ones(1, 5, dtype=torch.long))
+        (out.loss + loss).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        assert any(".router." in n for n in grads[-1])
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-10, atol=1e-12)
+
+
+def test_generation_with_padded_prompts_masks_each_step():
+    model = _crafted64()
+    ids = torch.cat([torch.full((1, 2), 2), _ids(8)[:1, :4]], 1).repeat(2, 1)
+    ids[1] = _ids(9)[0, :6]
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])  # left-padded first prompt
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=2)
+    assert out.shape == (2, 9)
+    for _, layer in pesc_layers(model):  # the last step routed one new token per row, both real
+        assert layer.token_mask.tolist() == [[1], [1]]
+        assert layer.last_usage.sum().item() == pytest.approx(1.0)

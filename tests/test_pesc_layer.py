@@ -121,3 +121,55 @@ def test_aux_loss_balanced_vs_collapsed():
     torch.testing.assert_close(layer.last_usage, torch.full((e,), 1 / e, dtype=torch.float64))
     assert balanced == pytest.approx(1.0, abs=1e-6)  # E * sum (1/E)(1/E) = 1, the minimum
     assert collapsed == pytest.approx(float(e), abs=1e-6)  # E * 1 * 1 = E, the maximum
+
+
+def _switch_by_hand(x, router_weight, e, k):
+    """E * sum_i f_i P_i over the rows of ``x`` (plain float64 PyTorch, its own top-k and softmax)."""
+    logits = x @ router_weight.T
+    probs = torch.exp(logits - logits.max(-1, keepdim=True).values)
+    probs = probs / probs.sum(-1, keepdim=True)
+    chosen = torch.topk(logits, k).indices
+    f = torch.tensor([(chosen == i).sum().item() / (x.shape[0] * k) for i in range(e)], dtype=torch.float64)
+    return e * (f * probs.mean(0)).sum(), f
+
+
+@pytest.mark.parametrize("kind", ["adapter", "lora"])
+def test_aux_loss_ignores_padding_float64(kind):
+    layer = _layer(kind, e=4, k=2)
+    x = torch.randn(2, 6, 24, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    layer.token_mask = mask
+    out = layer(x)
+    padded_loss, padded_usage = layer.last_aux_loss, layer.last_usage
+    real = x[mask.bool()]  # the 9 real tokens
+    expected, f = _switch_by_hand(real, layer.router.weight, 4, 2)
+    torch.testing.assert_close(padded_loss, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(padded_usage, f, rtol=0, atol=1e-15)
+    counted_padding, _ = _switch_by_hand(x.reshape(-1, 24), layer.router.weight, 4, 2)
+    assert abs(counted_padding.item() - expected.item()) > 1e-3  # the padding would have changed it
+    # the same real tokens without padding: same loss, same usage, same outputs on the real tokens
+    layer.token_mask = None
+    out_real = layer(real)
+    torch.testing.assert_close(layer.last_aux_loss, padded_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.last_usage, padded_usage, rtol=0, atol=1e-15)
+    torch.testing.assert_close(out[mask.bool()], out_real, rtol=1e-12, atol=1e-12)
+    # P still carries the router gradient, and only the real tokens' probabilities reach it
+    layer.token_mask = mask
+    layer(x)
+    (g,) = torch.autograd.grad(layer.last_aux_loss, layer.router.weight)
+    layer.token_mask = None
+    layer(real)
+    (g_real,) = torch.autograd.grad(layer.last_aux_loss, layer.router.weight)
+    torch.testing.assert_close(g, g_real, rtol=1e-10, atol=1e-12)
+
+
+def test_aux_loss_all_padding_is_a_zero_with_a_graph():
+    layer = _layer("adapter", e=4, k=2)
+    layer.token_mask = torch.zeros(1, 5, dtype=torch.long)
+    layer(torch.randn(1, 5, 24, dtype=torch.float64))
+    assert layer.last_aux_loss.item() == 0.0 and layer.last_aux_loss.requires_grad
+    assert layer.last_usage.sum().item() == 0.0
+    layer.token_mask = torch.ones(1, 4, dtype=torch.long)  # a mask of another forward is an error, not a guess
+    layer(torch.randn(1, 5, 24, dtype=torch.float64))
+    with pytest.raises(ValueError, match="4 entries for 5"):
+        _ = layer.last_aux_loss

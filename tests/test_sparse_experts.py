@@ -136,3 +136,20 @@ def test_bad_selection_errors():
         apply_sparse_experts(m, {0: [1]})  # layer 0 is dense
     with pytest.raises(MoecraftError, match="out of range"):
         apply_sparse_experts(m, {1: [99]})
+
+
+def _parameter_bytes(model) -> int:
+    """Bytes of the distinct storages behind the model's parameters (shared storage counted once)."""
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_wrapping_adds_only_the_selected_experts_memory(kind):
+    model = _model(kind)
+    before = _parameter_bytes(model)
+    apply_sparse_experts(model, _selection(model))
+    selected = sum(p.numel() * p.element_size() for m in sparse_modules(model).values() for p in m.trainable.parameters()
+                   if p.shape[0] == len(m.expert_ids))
+    assert selected > 0
+    assert _parameter_bytes(model) - before == selected  # the frozen experts were not copied

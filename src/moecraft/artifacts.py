@@ -40,15 +40,17 @@ def weights_hash(model: nn.Module) -> str:
     (fp32 and bf16 copies of the same checkpoint hash alike).
     """
     h = hashlib.sha256()
-    emb = model.get_input_embeddings().weight
-    tensors = [emb[:64]]
+    tensors = [model.get_input_embeddings().weight]
     try:
         from moecraft.families import moe_layers
 
         tensors += [layer.router.weight for layer in moe_layers(model)]
     except MoecraftError:
         pass  # dense model (PESC, LoRA on llama): the embedding alone
-    for t in tensors:
+    for i, t in enumerate(tensors):
+        if hasattr(t, "full_tensor"):  # a sharded load (FSDP2 DTensor): collective, every process hashes
+            t = t.full_tensor()
+        t = t[:64] if i == 0 else t
         h.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:16]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
@@ -236,25 +236,52 @@ def sample_sequences(
     seq_len: int,
     seed: int,
     response_only: bool = False,
+    repeat: bool = False,
 ) -> list[Example]:
     """Seeded shuffle, render, pack; the first ``n_sequences`` chunks (ESFT §3.3 data sampling).
 
     Stops rendering as soon as enough tokens are packed, so a large data set costs only what is used.
     With ``response_only`` the returned masks mark response tokens; otherwise every token counts.
+    Without ``repeat`` each record is used at most once, so short data gives fewer chunks. With ``repeat``
+    the records are cycled, each pass in a fresh order drawn from the same seeded generator (the first pass
+    is the order without ``repeat``), until exactly ``n_sequences`` chunks are packed.
     """
+    return _sample(records, tokenizer, n_sequences, seq_len, seed, response_only, repeat)[0]
+
+
+def _sample(
+    records: Sequence[dict],
+    tokenizer: PreTrainedTokenizerBase,
+    n_sequences: int,
+    seq_len: int,
+    seed: int,
+    response_only: bool,
+    repeat: bool,
+) -> tuple[list[Example], float]:
+    """:func:`sample_sequences` and the number of passes over ``records`` it rendered (1.5 = one and a half)."""
     if n_sequences < 1:
         raise DataError(f"n_sequences must be at least 1, got {n_sequences}")
+    rng = random.Random(seed)
     order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
     needed = n_sequences * seq_len
+    used = 0  # records rendered, over all passes
 
     def rendered():
-        total = 0
-        for i in order:
-            ids, mask = render_example(records[i], tokenizer)
-            yield ids, (mask if response_only else [1] * len(ids))
-            total += len(ids)
-            if total >= needed:
+        nonlocal used
+        total, cache = 0, {}
+        while True:
+            rng.shuffle(order)
+            before = total
+            for i in order:
+                if i not in cache:  # a repeated pass renders nothing again
+                    ids, mask = render_example(records[i], tokenizer)
+                    cache[i] = ids, (mask if response_only else [1] * len(ids))
+                yield cache[i]
+                used += 1
+                total += len(cache[i][0])
+                if total >= needed:
+                    return
+            if not repeat or total == before:  # one pass only, or records without tokens: no progress
                 return
 
     chunks = pack_sequences(rendered(), seq_len)[:n_sequences]
@@ -263,4 +290,39 @@ def sample_sequences(
             f"the {len(chunks)} sampled sequence(s) of {seq_len} tokens hold no response tokens (the loss would "
             "be empty): use a longer --seq-len, or data with responses (chat assistant turns, 'response', 'text')"
         )
-    return chunks
+    return chunks, used / max(len(records), 1)
+
+
+def mix_sequences(
+    records: Sequence[dict],
+    mix_records: Sequence[dict],
+    tokenizer: PreTrainedTokenizerBase,
+    n_sequences: int,
+    mix_ratio: float,
+    seq_len: int,
+    seed: int,
+    response_only: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> list[Example]:
+    """``n_sequences`` training sequences, ``round(n_sequences * mix_ratio)`` of them from ``mix_records`` (the
+    ESFT paper mixes alignment data into the task data, 1:1 = 0.5), seeded and shuffled together.
+
+    ``mix_ratio`` is a share of sequences, and it is the share realised whatever the sizes of the two data
+    sets: each side is packed to its own quota, and a side that one pass does not fill (usually the task
+    data) is cycled (:func:`sample_sequences` with ``repeat``). At least one sequence is task data. ``log``
+    gets one line saying how many sequences each side gave and how many passes over its records that took.
+    """
+    if not 0 <= mix_ratio < 1:
+        raise DataError(f"mix_ratio must be in [0, 1), got {mix_ratio}")
+    n_mix = min(round(n_sequences * mix_ratio), n_sequences - 1) if mix_records else 0
+    if n_mix == 0:
+        return sample_sequences(records, tokenizer, n_sequences, seq_len, seed, response_only)
+    task, task_passes = _sample(records, tokenizer, n_sequences - n_mix, seq_len, seed, response_only, True)
+    mix, mix_passes = _sample(mix_records, tokenizer, n_mix, seq_len, seed, response_only, True)
+    if log is not None:
+        log(f"training data: {len(task)} task sequences ({task_passes:.2f} passes over {len(records)} records) "
+            f"+ {len(mix)} mixed-in sequences ({mix_passes:.2f} passes over {len(mix_records)} records) = "
+            f"{len(mix) / (len(task) + len(mix)):.1%} mixed in (asked: {mix_ratio:.1%})")
+    out = task + mix
+    random.Random(seed + 2).shuffle(out)
+    return out

@@ -129,9 +129,17 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
 
 
 def load_model(
-    name_or_path: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", seed: int = 0
+    name_or_path: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", seed: int = 0,
+    distributed_config=None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model and tokenizer from ``tiny:<kind>``, a local folder or a hub id."""
+    """Model and tokenizer from ``tiny:<kind>``, a local folder or a hub id.
+
+    ``distributed_config`` (transformers' ``DistributedConfig``, e.g. expert parallelism) makes every
+    process load only its shard, on its own device; ``device`` is then not used.
+    """
+    if name_or_path.startswith(TINY_PREFIX) and distributed_config is not None:
+        raise MoecraftError(f"{name_or_path}: a sharded load reads a saved model; save the tiny model with "
+                            "save_pretrained and pass its folder")
     if name_or_path.startswith(TINY_PREFIX):
         tokenizer = byte_tokenizer()
         model = tiny_model(name_or_path[len(TINY_PREFIX) :], seed=seed, tokenizer=tokenizer)
@@ -141,13 +149,14 @@ def load_model(
         return model.to(device).eval(), tokenizer
     path = Path(name_or_path).expanduser()
     if path.exists():
-        return _load_local(path, dtype, device)
+        return _load_local(path, dtype, device, distributed_config)
     if _looks_like_path(name_or_path):
         raise MoecraftError(f"model folder not found: {name_or_path}")
     try:
         AutoConfig.from_pretrained(name_or_path)  # fails early, before the weights, on a bad id
         tokenizer = load_tokenizer(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype),
+                                                     **_sharding(distributed_config))
     except OSError as exc:
         raise MoecraftError(
             f"could not load model '{name_or_path}': not a local model folder, and the hub has no such model or "
@@ -155,7 +164,16 @@ def load_model(
         ) from exc
     except ValueError as exc:  # e.g. a model type this transformers does not know
         raise MoecraftError(f"could not load model '{name_or_path}': {_first_line(exc)}") from exc
-    return model.to(device).eval(), tokenizer
+    return _placed(model, device, distributed_config), tokenizer
+
+
+def _sharding(distributed_config) -> dict:
+    return {} if distributed_config is None else {"distributed_config": distributed_config}
+
+
+def _placed(model: PreTrainedModel, device, distributed_config) -> PreTrainedModel:
+    """``model`` on ``device`` in eval mode; a sharded model stays where transformers put its shards."""
+    return (model if distributed_config is not None else model.to(device)).eval()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -167,7 +185,7 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or "\\" in name or name.endswith("/")
 
 
-def _load_local(path: Path, dtype: str | torch.dtype, device: str | torch.device):
+def _load_local(path: Path, dtype: str | torch.dtype, device: str | torch.device, distributed_config=None):
     """Model and tokenizer from an existing local folder; every failure names the folder and what is wrong."""
     if not path.is_dir():
         raise MoecraftError(f"{path} is a file, not a model folder")
@@ -200,10 +218,11 @@ def _load_local(path: Path, dtype: str | torch.dtype, device: str | torch.device
             "tokenizer files saved with the model (tokenizer.json, tokenizer_config.json)"
         ) from exc
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype),
+                                                     **_sharding(distributed_config))
     except (OSError, ValueError) as exc:
         raise MoecraftError(f"{path}: could not load the model weights ({_first_line(exc)})") from exc
-    return model.to(device).eval(), tokenizer
+    return _placed(model, device, distributed_config), tokenizer
 
 
 def check_sequence_length(model: PreTrainedModel, seq_len: int) -> None:

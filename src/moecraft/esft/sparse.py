@@ -4,7 +4,8 @@ transformers 5 keeps a layer's routed experts as fused 3-D tensors (``gate_up_pr
 ``down_proj`` [E, ...], optional ``*_bias`` [E, ...]), so ``requires_grad`` cannot pick single experts and
 masking the gradient still computes (and stores) the full weight gradient. :class:`SparseExperts` replaces
 the experts module of a layer by two copies of the *same* class, one holding the selected experts as a
-trainable ``Parameter`` [S, ...] and one holding the other E-S experts as tensors that do not require grad.
+trainable ``Parameter`` [S, ...] (a copy) and one holding the original fused tensors, which do not require
+grad, for the other E-S experts (no copy: wrapping adds only the selected experts' memory).
 Each (token, expert) assignment of the router goes to the group that owns its expert, each group runs the
 model's own expert code (eager, grouped_mm or batched_mm: whatever ``config._experts_implementation``
 says) with its own weights, and the per-assignment outputs are weighted and reduced exactly as the original
@@ -77,17 +78,18 @@ class SparseExperts(nn.Module):
 
     ``forward(hidden_states, top_k_index, top_k_weights)`` has the experts module's signature. The
     selected experts live in ``self.trainable`` (Parameters [S, ...], requires_grad=True); the others in
-    ``self.frozen`` (Parameters [E-S, ...], requires_grad=False, so autograd never forms their weight
-    gradient). :meth:`fused` writes them back into the original fused layout (bit-exact).
+    ``self.frozen`` (the original [E, ...] tensors, requires_grad=False, so autograd never forms their
+    weight gradient; only its unselected rows are read). :meth:`fused` writes both back into the original
+    fused layout (bit-exact).
     """
 
-    def __init__(self, experts: nn.Module, expert_ids: list[int]):
+    def __init__(self, experts: nn.Module, expert_ids: list[int], *, allow_empty: bool = False):
         super().__init__()
         num_experts = int(experts.num_experts)
         ids = sorted({int(i) for i in expert_ids})
-        if not ids:
+        if not ids and not allow_empty:  # allowed under expert parallelism: a rank may own none of a layer's picks
             raise MoecraftError("SparseExperts needs at least one selected expert")
-        if ids[0] < 0 or ids[-1] >= num_experts:
+        if ids and (ids[0] < 0 or ids[-1] >= num_experts):
             raise MoecraftError(f"expert ids {ids} out of range for a layer with {num_experts} experts")
         names = _expert_param_names(experts, num_experts)
         if not names:
@@ -104,8 +106,10 @@ class SparseExperts(nn.Module):
             self.trainable = _clone_with(
                 experts, {n: getattr(experts, n).detach()[sel].clone() for n in names}, len(ids), True
             )
+            # the frozen experts stay where they are, in the original fused tensors (no copy, so wrapping costs
+            # only the selected experts' memory); the stale rows of the selected experts there are never read
             self.frozen = (
-                _clone_with(experts, {n: getattr(experts, n).detach()[rest].clone() for n in names}, len(rest), False)
+                _clone_with(experts, {n: getattr(experts, n).detach() for n in names}, num_experts, False)
                 if len(rest)
                 else None
             )
@@ -114,7 +118,7 @@ class SparseExperts(nn.Module):
         owner[sel] = True
         local = torch.empty(num_experts, dtype=torch.long)
         local[sel] = torch.arange(len(sel))
-        local[rest] = torch.arange(len(rest))
+        local[rest] = rest
         self.register_buffer("is_trainable", owner, persistent=False)
         self.register_buffer("local_id", local, persistent=False)
         self.register_buffer("selected", sel, persistent=False)
@@ -180,7 +184,7 @@ class SparseExperts(nn.Module):
             full = t.new_empty((self.num_experts, *t.shape[1:]))
             full[self.selected] = t.detach()
             if self.frozen is not None:
-                full[self.unselected] = getattr(self.frozen, name).detach().to(t.dtype)
+                full[self.unselected] = getattr(self.frozen, name).detach()[self.unselected].to(t.dtype)
             out[name] = full
         return out
 

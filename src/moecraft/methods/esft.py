@@ -16,6 +16,7 @@ from torch import nn
 
 from moecraft.artifacts import TENSORS, apply_tensors, read_tensors, save_tensors
 from moecraft.errors import MoecraftError
+from moecraft.esft.expert_parallel import apply_sparse_experts_ep, is_expert_parallel
 from moecraft.esft.selection import ExpertConfig
 from moecraft.esft.sparse import SparseExperts, apply_sparse_experts, sparse_modules
 from moecraft.families import get_family, moe_layers
@@ -34,14 +35,16 @@ def check_expert_config(ec: ExpertConfig, model: nn.Module, where: str, others_t
     if ec.family and ec.family != family:
         raise MoecraftError(f"{where}: written for family '{ec.family}', the model is '{family}'")
     layers = moe_layers(model)
-    n = layers[0].experts.num_experts
+    # under expert parallelism a process holds 1/ep_size of each layer's experts
+    scale = model.config.distributed_config.ep_size if is_expert_parallel(model) else 1
+    n = layers[0].experts.num_experts * scale
     if ec.num_experts and ec.num_experts != n:
         raise MoecraftError(f"{where}: written for {ec.num_experts} experts per layer, the model has {n}")
     bad = sorted(set(ec.experts) - {layer.index for layer in layers})
     if bad:
         raise MoecraftError(f"{where}: layers {bad} are not MoE layers of this model ({[m.index for m in layers]})")
     for layer in layers:  # the file need not record num_experts: check every id against the model itself
-        n_routed = layer.experts.num_experts
+        n_routed = layer.experts.num_experts * scale
         out_of_range = [i for i in ec.experts.get(layer.index, []) if not 0 <= i < n_routed]
         if out_of_range:
             raise MoecraftError(f"{where}: layer {layer.index}: expert ids {out_of_range} out of range: the model "
@@ -63,6 +66,10 @@ class ESFT:
         layers = moe_layers(model)
         has_shared = any(layer.shared for layer in layers)
         check_expert_config(ec, model, str(cfg.experts), others_trained=non_expert or (shared and has_shared))
+        expert_parallel = is_expert_parallel(model)
+        if expert_parallel and (non_expert or (shared and has_shared)):
+            raise MoecraftError("--expert-parallel trains routed experts only; to also train shared experts or "
+                                "non-expert modules, use FSDP2 or ZeRO-3 without --expert-parallel")
         model.requires_grad_(False)
         if non_expert:
             model.requires_grad_(True)
@@ -74,7 +81,8 @@ class ESFT:
             for layer in layers:
                 for _, mod in layer.shared:
                     mod.requires_grad_(True)
-        apply_sparse_experts(model, ec.experts)  # trainable parts require grad, frozen parts do not
+        # trainable parts require grad, frozen parts do not
+        (apply_sparse_experts_ep if expert_parallel else apply_sparse_experts)(model, ec.experts)
         model._moecraft_expert_config_path = Path(cfg.experts)
         return model
 

@@ -1,12 +1,15 @@
 """LoRA baseline of the ESFT paper (§4.1: rank 8, alpha 16, lr 1e-4) via ``peft``.
 
 Targets every ``nn.Linear`` of attention and of the dense/shared MLPs; routers and the LM head are left
-alone. ``lora_experts`` also puts LoRA on the fused 3-D routed-expert tensors through peft's
-``target_parameters`` (peft >= 0.17).
+alone. ``lora_experts`` also puts LoRA (same rank and alpha, on every routed expert) on the fused 3-D
+routed-expert tensors through peft's ``target_parameters`` (peft >= 0.17); peft applies no dropout there,
+so it needs ``lora_dropout`` 0. Targets are applied as written (see :func:`_targets_as_written`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,32 @@ def _expert_parameters(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+@contextmanager
+def _targets_as_written() -> Iterator[None]:
+    """While peft builds a LoRA model, keep it from rewriting our targets for the transformers-4 layout.
+
+    Under transformers >= 5, peft (0.19 to 0.21 at least) takes every LoRA config on DeepSeek-V2/V3,
+    Qwen3-MoE, OLMoE and Mixtral for one written against the old per-expert ``nn.Linear`` layout: it turns
+    the ``gate_proj``/``up_proj``/``down_proj`` targets into the routed experts' fused ``gate_up_proj`` /
+    ``down_proj`` tensors and adds rank/alpha patterns ``.*\\.gate_up_proj`` that match no module (its
+    "alpha_pattern keys did not match" warning). Our targets are read from the loaded model itself, so the
+    rewrite would drop the LoRA of the dense and shared-expert MLPs and adapt the routed experts instead,
+    ``lora_experts`` or not (huggingface/peft#3711). Saving and loading go through here too, so an artifact
+    loads onto exactly the modules it was trained on.
+    """
+    try:
+        from peft.utils import transformers_weight_conversion as conversion
+    except ImportError:  # transformers 4, or a peft without the rewrite: nothing to keep off
+        yield
+        return
+    original = conversion.convert_peft_config_for_transformers
+    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conversion.convert_peft_config_for_transformers = original
+
+
 class LoRA:
     name = "lora"
     default_lr = 1e-4
@@ -59,10 +88,14 @@ class LoRA:
 
         kw = {}
         if getattr(cfg, "lora_experts", False):
+            if cfg.lora_dropout:
+                raise MoecraftError(f"lora_experts needs lora_dropout 0 (got {cfg.lora_dropout}): peft cannot apply "
+                                    "dropout to the fused routed-expert tensors")
             kw["target_parameters"] = _expert_parameters(model)
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=lora_targets(model), bias="none", **kw)
-        return get_peft_model(model, lcfg)
+        with _targets_as_written():
+            return get_peft_model(model, lcfg)
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
         return trainable_param_groups(model, weight_decay)
@@ -79,7 +112,8 @@ class LoRA:
         path = Path(artifact_dir) / ADAPTER
         if not path.is_dir():
             raise MoecraftError(f"{artifact_dir}: no LoRA adapter folder '{ADAPTER}/'")
-        return PeftModel.from_pretrained(base_model, str(path))
+        with _targets_as_written():
+            return PeftModel.from_pretrained(base_model, str(path))
 
     def merge(self, model: nn.Module) -> nn.Module:
         return model.merge_and_unload()

@@ -1,6 +1,7 @@
 """PESC as a training method (``moecraft train --method pesc``): craft the dense base into an MoE with
 parameter-efficient experts, train only routers, experts and (optional) base LoRA, add the Switch
-load-balancing loss (coefficient ``aux_loss_coef``, default 0.01) and log per-layer expert usage.
+load-balancing loss (Switch Transformer eq. 4, over the batch's real tokens: the crafted model hands its
+``attention_mask`` to the layers; coefficient ``aux_loss_coef``, default 0.01) and log per-layer expert usage.
 
 Options are read from the train config: a ``pesc`` field (a :class:`CraftConfig` or a mapping), else
 fields named ``pesc_<option>`` (e.g. ``pesc_num_experts``), else the :class:`CraftConfig` defaults.

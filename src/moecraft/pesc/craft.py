@@ -77,7 +77,26 @@ def craft_model(model: nn.Module, cfg: CraftConfig) -> nn.Module:
         _inject_lora(model, cfg)
     model.train(model.training)  # new modules start in train mode; follow the model's mode
     model.pesc_config = cfg
+    # the layers see only hidden states: hand them each forward's attention mask, so that padding never
+    # counts in the load-balancing loss
+    model.register_forward_pre_hook(_hand_token_mask, with_kwargs=True)
     return model
+
+
+def _hand_token_mask(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a crafted model: set every PESC layer's ``token_mask`` to the real tokens of
+    this forward (the last ``seq`` columns of a 2-D ``attention_mask``, which during cached generation
+    also covers the past tokens), or None when there is no such mask (every token counts)."""
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    seq = ids.shape[-1] if ids is not None else embeds.shape[1] if embeds is not None else None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or seq is None or mask.shape[1] < seq:
+        mask = None  # no mask, or a 4-D / custom one: count every token
+    else:
+        mask = mask[:, -seq:]
+    for _, layer in pesc_layers(model):
+        layer.token_mask = mask
 
 
 def _param_dtype(model: nn.Module) -> torch.dtype:
@@ -115,9 +134,10 @@ def mark_trainable(model: nn.Module) -> list[str]:
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """Mean over crafted layers of the Switch loss E * sum_i f_i P_i of the last forward (unscaled)."""
+    """Mean over crafted layers of the Switch loss E * sum_i f_i P_i of the last forward (unscaled), over
+    its real tokens (``attention_mask`` != 0): Switch Transformer eq. 4, :func:`moecraft.pesc.layer.switch_loss`."""
     losses = [m.last_aux_loss for _, m in pesc_layers(model) if m.last_aux_loss is not None]
-    return torch.stack([x.float() for x in losses]).mean() if losses else None
+    return torch.stack(losses).mean() if losses else None  # already >= float32 (softmax of the routers)
 
 
 def expert_usage(model: nn.Module) -> dict[int, list[float]]:

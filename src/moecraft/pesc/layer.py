@@ -16,6 +16,9 @@ Routing (both kinds): logits = W_r x (bias-free), w = softmax over the top-k log
 Mixtral's top-k of the full softmax renormalised. Up/B matrices start at zero, so at step 0 the layer
 equals the dense FFN. Experts run as grouped matrix products over token-expert pairs sorted by expert
 (``torch._grouped_mm`` on CUDA, a padded ``bmm`` elsewhere), never a Python loop over experts.
+
+Load balancing: the Switch Transformer loss (Fedus et al. 2021, eq. 4-6), :func:`switch_loss`, over the
+real tokens of the last forward only (padding excluded through ``token_mask``).
 """
 
 from __future__ import annotations
@@ -100,12 +103,38 @@ class LoraExperts(nn.Module):
                 b.zero_()
 
 
+def switch_loss(
+    logits: torch.Tensor, idx: torch.Tensor, num_experts: int, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, f) of the Switch load-balancing loss, Switch Transformer eq. 4-6: loss = E * sum_i f_i P_i.
+
+    Over the T real tokens (``mask`` [N] != 0, all N tokens without a mask): f_i is the share of their
+    T*k top-k slots (``idx`` [N, k]) that pick expert i, P_i the mean over them of the softmax of
+    ``logits`` [N, E] over all experts. f is a count (no gradient); P carries the router gradient. With
+    no real token the loss is a zero that keeps the graph (every process joins the all-reduce).
+    """
+    n, k = idx.shape
+    probs = torch.softmax(_at_least_fp32(logits), dim=-1)
+    slots = F.one_hot(idx, num_experts).sum(1).to(probs.dtype)  # [N, E]: top-k slots of each token per expert
+    if mask is not None:
+        if mask.numel() != n:
+            raise ValueError(f"token_mask has {mask.numel()} entries for {n} routed tokens")
+        # weights, not boolean indexing: no host sync, and sums are deterministic (bincount weights are not on CUDA)
+        m = mask.reshape(-1, 1).to(probs.dtype)
+        slots, probs = slots * m, probs * m
+    real = slots.sum() / k  # T
+    usage = slots.sum(0) / (real * k).clamp(min=1)
+    p_mean = probs.sum(0) / real.clamp(min=1)
+    return num_experts * torch.sum(usage * p_mean), usage
+
+
 class PescMoE(nn.Module):
     """Replaces a decoder layer's FFN (kept as ``self.ffn``, not copied) by a PESC mixture.
 
-    After each forward, ``last_aux_loss`` holds the Switch load-balancing loss E * sum_i f_i P_i
-    (f_i: fraction of the N*k token slots routed to expert i; P_i: mean over tokens of the softmax
-    over ALL experts) and ``last_usage`` the detached f.
+    After each forward, ``last_aux_loss`` is the Switch load-balancing loss of its tokens and
+    ``last_usage`` the detached f (see :func:`switch_loss`). ``token_mask`` ([batch, seq], 1 = real token),
+    when set, marks the tokens that count; a crafted model sets it from its ``attention_mask`` on every
+    forward (:func:`moecraft.pesc.craft.craft_model`), so padding never enters f or P.
     """
 
     def __init__(
@@ -139,8 +168,11 @@ class PescMoE(nn.Module):
             self.experts = LoraExperts(num_experts, hidden_size, intermediate_size, rank, dtype=dtype, device=device)
         else:
             raise ValueError(f"unknown expert kind {expert!r}; choose 'adapter' or 'lora'")
-        self.last_aux_loss: torch.Tensor | None = None
-        self.last_usage: torch.Tensor | None = None
+        self.token_mask: torch.Tensor | None = None
+        # (router logits [N, E], top-k indices [N, k], token mask [N] or None) of the last forward. The loss
+        # is computed from these when asked for, outside any checkpointed region: generation never pays
+        # for it, and recomputation under gradient checkpointing cannot see another forward's mask.
+        self._routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         bound = 1.0 / math.sqrt(self.router.weight.shape[1])
@@ -166,11 +198,8 @@ class PescMoE(nn.Module):
         counts = torch.bincount(flat, minlength=e)
         slot_w = weights.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
 
-        # Switch load-balancing loss: f is a count (no gradient), P carries the router gradient.
-        probs = torch.softmax(_at_least_fp32(logits), dim=-1)
-        usage = counts.to(probs.dtype) / max(n * k, 1)
-        self.last_aux_loss = e * torch.sum(usage * probs.mean(0)) if n else probs.sum() * 0
-        self.last_usage = usage.detach()
+        mask = self.token_mask
+        self._routing = (logits, idx, None if mask is None else mask.reshape(-1))
 
         if self.expert_kind == "adapter":
             y = self.ffn(x)
@@ -191,6 +220,20 @@ class PescMoE(nn.Module):
             dd = grouped_mm(grouped_mm(self.dropout(hw), ex.down_A, counts), ex.down_B, counts)
             out = down(hsum) + self.scaling * self._unsort_sum(dd, order, n)
         return out.reshape(*shape[:-1], out.shape[-1])
+
+    @property
+    def last_aux_loss(self) -> torch.Tensor | None:
+        """Switch loss E * sum_i f_i P_i of the last forward's real tokens (None before any forward)."""
+        return None if self._routing is None else self._switch()[0]
+
+    @property
+    def last_usage(self) -> torch.Tensor | None:
+        """f of the last forward: each expert's share of the real tokens' top-k slots (detached)."""
+        return None if self._routing is None else self._switch()[1].detach()
+
+    def _switch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, idx, mask = self._routing
+        return switch_loss(logits, idx, self.num_experts, mask)
 
     def _unsort_sum(self, values: torch.Tensor, order: torch.Tensor, n: int) -> torch.Tensor:
         # Put slots back in (token, k) order and sum over k: deterministic, unlike index_add on CUDA.

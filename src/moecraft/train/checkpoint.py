@@ -10,6 +10,9 @@ Writing: everything goes to ``checkpoint.tmp``, each file is fsynced, then the f
 any moment therefore leaves a complete checkpoint behind; a folder that fails its manifest (partial copy,
 bit rot, a hand edit) is reported and never loaded.
 
+Under ESFT's expert parallelism each process holds other experts, so each writes its own optimiser state
+(``optimizer-<rank>.pt``); ``trainable.safetensors`` still holds every trained expert, as one process would.
+
 DeepSpeed keeps its optimiser partitioned inside its engine, so under DeepSpeed the optimiser part is the
 engine's own checkpoint (``deepspeed/``, frozen parameters excluded) inside the same folder and manifest.
 """
@@ -28,11 +31,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moecraft.errors import MoecraftError
+from moecraft.esft.expert_parallel import is_expert_parallel, local_rows
 from moecraft.files import sha256_file
 from moecraft.train.distributed import gathered
 
 NAME = "checkpoint"
 MANIFEST = "manifest.json"
+ENGINE_TAG = "engine"  # DeepSpeed's checkpoint sub-folder; not "latest", the name of its pointer file
 
 
 class CorruptCheckpointError(MoecraftError):
@@ -152,8 +157,14 @@ def save_checkpoint(out_dir: Path, accelerator, model, optimizer, scheduler, sta
     unwrapped = accelerator.unwrap_model(model)
     with gathered(unwrapped, deepspeed=deepspeed):  # whole tensors (FSDP2, ZeRO-3); only the writer copies them
         tensors = trainable_tensors(unwrapped) if main else None
-    if deepspeed:  # the engine's own collective save; frozen experts are not written
-        model.save_checkpoint(str(tmp / "deepspeed"), tag="latest", exclude_frozen_parameters=True)
+    per_process = is_expert_parallel(unwrapped)  # its own experts' state; plain tensors
+    if per_process:
+        torch.save(getattr(optimizer, "optimizer", optimizer).state_dict(),
+                   tmp / f"optimizer-{accelerator.process_index}.pt")
+        optim = None
+    elif deepspeed:  # the engine's own collective save; frozen experts are not written
+        model.save_checkpoint(str(tmp / "deepspeed"), tag=ENGINE_TAG, exclude_frozen_parameters=True,
+                              save_latest=False)
         optim = None
     else:
         optim = optimizer_state(model, optimizer, _is_sharded(accelerator))
@@ -192,17 +203,21 @@ def read_checkpoint(path: Path, model: nn.Module, num_processes: int) -> dict:
     if set(tensors) != set(params):
         raise MoecraftError(f"{path}: checkpoint does not match this run's trainable tensors "
                             "(different method or options?)")
+    rows = local_rows(model)  # expert parallelism: this process's experts of the whole tensors
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(tensors[name].to(p.device, p.dtype))
+            p.copy_((tensors[name][rows[name]] if name in rows else tensors[name]).to(p.device, p.dtype))
     return blob
 
 
 def restore_optimizer(path: Path, blob: dict, accelerator, model, optimizer, scheduler) -> None:
     """Load optimiser, scheduler and this process's RNG from a checkpoint verified by :func:`read_checkpoint`."""
     if accelerator.distributed_type.name == "DEEPSPEED":
-        model.load_checkpoint(str(path / "deepspeed"), tag="latest", load_module_strict=False,
+        model.load_checkpoint(str(path / "deepspeed"), tag=ENGINE_TAG, load_module_strict=False,
                               load_optimizer_states=True, load_lr_scheduler_states=False)
+    elif is_expert_parallel(accelerator.unwrap_model(model)):
+        getattr(optimizer, "optimizer", optimizer).load_state_dict(
+            torch.load(path / f"optimizer-{accelerator.process_index}.pt", weights_only=False))
     else:
         sharded = _is_sharded(accelerator)
         optim = torch.load(path / "optimizer.pt", weights_only=False) if accelerator.is_main_process or not sharded \

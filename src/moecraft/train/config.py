@@ -63,6 +63,12 @@ class TrainConfig:
     min_lr_ratio: float = field(default=0.0, metadata=_h("final lr as a share of the peak (cosine/linear)"))
     max_grad_norm: float = field(default=1.0, metadata=_h("gradient clipping (0 = off)"))
     gradient_checkpointing: bool = field(default=False, metadata=_h("recompute activations in backward"))
+    expert_parallel: int = field(
+        default=1, metadata=_h("ESFT: split each MoE layer's experts over N processes (transformers' expert-parallel "
+                               "plan; N = number of processes, launched with torchrun/accelerate launch)"))
+    master_weights: bool = field(
+        default=True, metadata=_h("keep fp32 master copies of bf16/fp16 trainable weights in the optimiser (+4 bytes "
+                                  "per trainable parameter); off: small updates round away in bf16"))
     dtype: str = field(default="auto", metadata=_h("model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"))
     seed: int = field(default=0, metadata=_h("seed of data order, init and dropout"))
     deterministic: bool = field(

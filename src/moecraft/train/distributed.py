@@ -5,16 +5,23 @@ MoE block only the experts some token picks run, so ranks whose tokens route dif
 different gathers and wait for each other forever. Marking each MoE block a ZeRO-3 *leaf* makes ZeRO-3
 gather the whole block at once on every rank, the fix DeepSpeed provides (``set_z3_leaf_modules``).
 The family layer says which module is the MoE block; PESC's crafted layer is one too.
+
+The rest is what it takes for accelerate + DeepSpeed to train the restructured model as asked, on GPUs
+and on CPU (gloo): see :func:`make_accelerator`, :func:`check_engine` and :func:`_input_requires_grad`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from moecraft.errors import MoecraftError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 def moe_block_classes(model: nn.Module) -> list[type[nn.Module]]:
@@ -26,6 +33,37 @@ def moe_block_classes(model: nn.Module) -> list[type[nn.Module]]:
     with suppress(UnsupportedModelError):  # a dense model (PESC, or LoRA/FFT on a dense base) has none
         classes |= {type(layer.block) for layer in moe_layers(model)}
     return sorted(classes, key=lambda c: c.__name__)
+
+
+def make_accelerator() -> Accelerator:
+    """The run's ``Accelerator``: CPU unless CUDA is there, and DeepSpeed on CPU (gloo) when launched for it.
+
+    accelerate starts DeepSpeed only with ``cpu=False`` (``PartialState``) and takes the world size from the
+    process group only when it knows the backend, which it never guesses for CPU DeepSpeed; so a launched
+    DeepSpeed run on a machine without CUDA is given ``cpu=False`` and the gloo backend explicitly.
+    """
+    import os
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    cuda = torch.cuda.is_available()
+    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1
+    if not cuda and launched and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise MoecraftError("DeepSpeed was requested but is not installed: pip install -e '.[deepspeed]'")
+        import deepspeed.ops
+        from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (C++, ~85 s on 2 cores) that only its
+        # inference all-reduce uses; training reduces through gloo, so mark the op unbuildable (DeepSpeed
+        # keeps this dict for the process and skips ops marked False)
+        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+        return Accelerator(cpu=False, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    return Accelerator(cpu=not cuda)
 
 
 def is_zero3(accelerator) -> bool:
@@ -42,7 +80,31 @@ def mark_zero3_leaf_modules(model: nn.Module, accelerator) -> list[str]:
     classes = moe_block_classes(model)
     if classes:
         set_z3_leaf_modules(model, classes)
+        for module in model.modules():
+            if isinstance(module, tuple(classes)):
+                module.register_forward_pre_hook(_input_requires_grad, with_kwargs=True)
     return [c.__name__ for c in classes]
+
+
+def _input_requires_grad(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of a ZeRO-3 leaf: its floating-point inputs require grad while training.
+
+    ZeRO-3 reduces a leaf module's gradients in a full backward hook, which torch runs when the gradient of
+    the module's *inputs* is ready. When no input requires grad (every layer below is frozen: ESFT's first
+    MoE layer) torch runs it as soon as the output gradient arrives, before the module's own backward, so
+    the experts' gradients are reduced as zeros and then land on released (empty) parameters. An input
+    that requires grad restores the order at the cost of one input-gradient pass through that block.
+    """
+    import torch
+
+    if not (module.training and torch.is_grad_enabled()):
+        return args, kwargs
+
+    def fix(x: object) -> object:
+        return x.detach().requires_grad_() if torch.is_tensor(x) and x.is_floating_point() \
+            and not x.requires_grad else x
+
+    return tuple(fix(a) for a in args), {k: fix(v) for k, v in kwargs.items()}
 
 
 @contextmanager
@@ -50,8 +112,17 @@ def gathered(model: nn.Module, deepspeed: bool = False) -> Iterator[None]:
     """Every trainable tensor whole, as a plain tensor, on every process while inside (a collective).
 
     FSDP2 keeps parameters as sharded DTensors; ``unshard`` swaps the full ones in until ``reshard``.
-    ZeRO-3 keeps them partitioned; ``GatheredParameters`` does the same. Elsewhere this does nothing.
+    ZeRO-3 keeps them partitioned; ``GatheredParameters`` does the same. Under ESFT's expert parallelism
+    each process's trained experts are gathered (:func:`moecraft.esft.expert_parallel.gathered_experts`);
+    the FSDP2 units transformers made there hold only frozen tensors and stay sharded. Elsewhere this does
+    nothing.
     """
+    from moecraft.esft.expert_parallel import gathered_experts, is_expert_parallel
+
+    if is_expert_parallel(model):
+        with gathered_experts(model):
+            yield
+        return
     if deepspeed:
         import deepspeed as ds
 
@@ -68,16 +139,17 @@ def gathered(model: nn.Module, deepspeed: bool = False) -> Iterator[None]:
             unit.reshard()
 
 
-def check_engine(accelerator, batch_size: int, grad_accum: int) -> None:
-    """Refuse engine settings that would silently train something else than asked; fill DeepSpeed's batch."""
+def check_engine(accelerator, batch_size: int, grad_accum: int, max_grad_norm: float = 1.0) -> None:
+    """Refuse engine settings that would silently train something else than asked; fill DeepSpeed's ``auto``
+    micro-batch size, accumulation and clipping from moecraft's options."""
     import os
     import warnings
 
     kind = accelerator.distributed_type.name
     for engine in ("FSDP", "DEEPSPEED"):
         if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true" and kind != engine:
-            warnings.warn(f"{engine} was requested but accelerate runs it only on accelerators; this run is "
-                          f"{kind} (plain data parallel on CPU)", stacklevel=2)
+            warnings.warn(f"{engine} was requested but this run is {kind} (plain data parallel): accelerate runs "
+                          "FSDP only on accelerators, and DeepSpeed on CPU only under a launcher", stacklevel=2)
     if kind == "FSDP" and accelerator.state.fsdp_plugin.fsdp_version == 1 \
             and not accelerator.state.fsdp_plugin.use_orig_params:
         raise MoecraftError("FSDP1 cannot put frozen and trainable tensors in one unit without use_orig_params; "
@@ -87,7 +159,21 @@ def check_engine(accelerator, batch_size: int, grad_accum: int) -> None:
         # accelerate reads the micro-batch size from a prepared dataloader; moecraft batches itself
         if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
             ds_config["train_micro_batch_size_per_gpu"] = batch_size
+        if is_zero3(accelerator):
+            if accelerator.state.deepspeed_plugin.zero3_init_flag:
+                raise MoecraftError("DeepSpeed zero3_init_flag builds the model already partitioned, but moecraft "
+                                    "restructures the whole model's experts first (ESFT, PESC); set "
+                                    "zero3_init_flag: false (configs/accelerate/zero3.yaml)")
+            from transformers.integrations import unset_hf_deepspeed_config
+
+            # accelerate registers its ZeRO-3 config with transformers even with the flag off, and transformers
+            # then builds every model partitioned (deepspeed.zero.Init); the engine partitions it at prepare
+            unset_hf_deepspeed_config()
         engine_accum = ds_config.get("gradient_accumulation_steps")
-        if engine_accum not in (None, "auto", grad_accum):
+        if engine_accum in (None, "auto"):  # accelerate would fill in its own (1): DeepSpeed's loss scale
+            ds_config["gradient_accumulation_steps"] = grad_accum
+        elif engine_accum != grad_accum:
             raise MoecraftError(f"DeepSpeed config has gradient_accumulation_steps={engine_accum} but --grad-accum "
                                 f"is {grad_accum}; DeepSpeed steps inside backward, so set them equal")
+        if ds_config.get("gradient_clipping", "auto") == "auto":  # accelerate would fill in 1.0
+            ds_config["gradient_clipping"] = max_grad_norm  # 0 turns clipping off, as --max-grad-norm 0 does

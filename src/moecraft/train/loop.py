@@ -23,15 +23,17 @@ from tqdm.auto import tqdm
 
 from moecraft.artifacts import base_fingerprint, model_bytes, write_manifest
 from moecraft.config import dump_yaml
-from moecraft.data import BUILTIN_PREFIX, load_records, sample_sequences
+from moecraft.data import BUILTIN_PREFIX, load_records, mix_sequences, sample_sequences
 from moecraft.errors import MoecraftError
+from moecraft.esft.expert_parallel import clip_grad_norm_ep, expert_parallel_config
 from moecraft.files import check_output_folder
 from moecraft.methods import get_method
 from moecraft.models import check_sequence_length, load_model
 from moecraft.runinfo import seed_everything, write_run_info
 from moecraft.train.checkpoint import find_checkpoint, read_checkpoint, restore_optimizer, save_checkpoint
 from moecraft.train.config import TrainConfig
-from moecraft.train.distributed import check_engine, gathered, mark_zero3_leaf_modules
+from moecraft.train.distributed import check_engine, gathered, make_accelerator, mark_zero3_leaf_modules
+from moecraft.train.optim import LOW_PRECISION, AdamWMaster
 
 Seq = tuple[list[int], list[int]]
 
@@ -73,14 +75,8 @@ def build_data(cfg: TrainConfig, tokenizer, num_processes: int = 1) -> tuple[lis
             raise MoecraftError(f"{cfg.data}: too few records to hold out an eval split; give --eval-data")
         eval_records = [records[i] for i in order[:n_eval]]
         records = [records[i] for i in order[n_eval:]]
-    n_mix = round(n_train * cfg.mix_ratio) if cfg.mix_data else 0
     mix_records = load_records(cfg.mix_data, limit=cfg.max_records) if cfg.mix_data else []  # checked even if unused
-    train = sample_sequences(records, tokenizer, n_train - n_mix, cfg.seq_len, cfg.seed, response_only=True)
-    if n_mix:
-        mix = sample_sequences(mix_records, tokenizer, n_mix, cfg.seq_len,
-                               cfg.seed, response_only=True)
-        train = train + mix
-        random.Random(cfg.seed + 2).shuffle(train)
+    train = mix_sequences(records, mix_records, tokenizer, n_train, cfg.mix_ratio, cfg.seq_len, cfg.seed)
     evals = sample_sequences(eval_records, tokenizer, cfg.eval_sequences, cfg.seq_len, cfg.seed, response_only=True)
     return train, evals
 
@@ -129,6 +125,11 @@ def _check(cfg: TrainConfig) -> None:
         raise MoecraftError("max_steps, batch_size and grad_accum must be at least 1")
     if not 0 <= cfg.mix_ratio < 1:
         raise MoecraftError(f"mix_ratio must be in [0, 1), got {cfg.mix_ratio}")
+    if cfg.expert_parallel < 1:
+        raise MoecraftError(f"expert_parallel must be at least 1, got {cfg.expert_parallel}")
+    if cfg.expert_parallel > 1 and cfg.method != "esft":
+        raise MoecraftError(f"--expert-parallel is for --method esft (got {cfg.method}); shard other methods with "
+                            "FSDP2 or ZeRO-3 (docs/distributed.md)")
 
 
 # settings that may change between a killed run and its --resume; any other change would alter the run
@@ -194,21 +195,27 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
 
 
 def _train(cfg: TrainConfig, stop_after: int | None) -> dict:
-    from accelerate import Accelerator
-
     _check(cfg)
     method = get_method(cfg.method)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator()
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
-    check_engine(accelerator, cfg.batch_size, cfg.grad_accum)
+    check_engine(accelerator, cfg.batch_size, cfg.grad_accum, cfg.max_grad_norm)
     deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
     seed_everything(cfg.seed)
     out = Path(cfg.out)
     check_output_folder(out, "--out")
 
+    # expert parallelism: transformers shards the experts (and FSDP2-shards the rest) while loading
+    expert_parallel = cfg.expert_parallel > 1
+    if expert_parallel and accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise MoecraftError("--expert-parallel runs on transformers' own FSDP2 + expert-parallel plan; launch it "
+                            "with torchrun or a plain multi-process accelerate config, not FSDP or DeepSpeed")
     if hasattr(method, "load_base"):  # e.g. PESC loads a 4-bit QLoRA base where CUDA + bitsandbytes allow
         model, tokenizer = method.load_base(cfg, device)
+    elif expert_parallel:
+        model, tokenizer = load_model(cfg.model, dtype=_resolve_dtype(cfg, device),
+                                      distributed_config=expert_parallel_config(cfg.expert_parallel, world))
     else:
         model, tokenizer = load_model(cfg.model, dtype=_resolve_dtype(cfg, device))
     check_sequence_length(model, cfg.seq_len)
@@ -234,17 +241,26 @@ def _train(cfg: TrainConfig, stop_after: int | None) -> dict:
 
     groups = method.param_groups(model, cfg.weight_decay)
     n_opt = sum(p.numel() for g in groups for p in g["params"])
+    if expert_parallel:  # each process holds its own experts' share
+        n_opt = int(accelerator.reduce(torch.tensor(n_opt, device=device), reduction="sum"))
     if n_opt == 0:
         raise MoecraftError(f"method '{cfg.method}' left nothing to train")
     lr = cfg.lr if cfg.lr is not None else method.default_lr
-    half = {p.dtype for g in groups for p in g["params"]} & {torch.bfloat16, torch.float16}
-    if half and main:  # no fp32 master copy: an Adam step of ~lr is below bf16's resolution of most weights
-        warnings.warn(f"trainable weights are {sorted(map(str, half))} with no fp32 master copy: updates smaller "
-                      "than ~0.4% of a weight are rounded away (ESFT's lr 1e-5 mostly is). For fp32 master "
-                      "weights use --dtype float32 under `accelerate launch --mixed_precision bf16`.", stacklevel=2)
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    half = {p.dtype for g in groups for p in g["params"]} & set(LOW_PRECISION)
+    if half and not cfg.master_weights and main:  # an Adam step of ~lr is below bf16's resolution of most weights
+        warnings.warn(f"trainable weights are {sorted(map(str, half))} and --master-weights is off: updates "
+                      "smaller than ~0.4% of a weight are rounded away (ESFT's lr 1e-5 mostly is)", stacklevel=2)
+    # fp32 master copies of bf16/fp16 trainable weights, in the optimiser state (moecraft/train/optim.py)
+    adamw = AdamWMaster if half and cfg.master_weights else torch.optim.AdamW
+    optimizer = adamw(groups, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if expert_parallel:  # already distributed by transformers; a DDP wrapper would average different experts
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    # each expert's gradient sums every process's tokens (all-to-all): divide by N as DDP's mean does
+    loss_scale = cfg.grad_accum * (world if expert_parallel else 1)
+    autocast = accelerator.autocast if expert_parallel else nullcontext  # prepare() did it for the others
     # the engine may have replaced the parameters (FSDP2 shards them): clip what the optimiser now holds
     trained = [p for g in optimizer.param_groups for p in g["params"]]
     if blob is not None:
@@ -273,9 +289,12 @@ def _train(cfg: TrainConfig, stop_after: int | None) -> dict:
                 batch = collate(_micro_batch(train_seqs, cfg, step, micro, rank, world), pad_id, device)
                 tokens += int(batch["attention_mask"].sum()) * world
                 # gradients are all-reduced once per optimiser step, on the last micro-batch
-                sync = nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model)
+                boundary = micro == cfg.grad_accum - 1
+                accelerator.sync_gradients = boundary  # DeepSpeed steps its engine in backward only when True
+                sync = nullcontext() if boundary else accelerator.no_sync(model)
                 with sync:
-                    output = model(**batch)
+                    with autocast():
+                        output = model(**batch)
                     loss = output.loss
                     if not bool((batch["labels"][:, 1:] != -100).any()):
                         # no target token (e.g. only prompts): the loss would be 0/0 = nan; count it as 0
@@ -286,7 +305,7 @@ def _train(cfg: TrainConfig, stop_after: int | None) -> dict:
                         loss = loss + extra.loss
                     extra_logs = extra.logs
                     # DeepSpeed divides by its own gradient_accumulation_steps (= grad_accum, see check_engine)
-                    accelerator.backward(loss if deepspeed else loss / cfg.grad_accum)
+                    accelerator.backward(loss if deepspeed else loss / loss_scale)
                 loss_sum += loss.detach() / cfg.grad_accum
         except torch.OutOfMemoryError as exc:
             raise _oom_advice(cfg, step) from exc
@@ -294,7 +313,8 @@ def _train(cfg: TrainConfig, stop_after: int | None) -> dict:
         if not math.isfinite(loss_value):
             raise _not_finite("the training loss", loss_value, step, out)
         # the norm is wanted even without clipping: a non-finite gradient must never reach the weights
-        norm = accelerator.clip_grad_norm_(trained, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        clip = clip_grad_norm_ep if expert_parallel else accelerator.clip_grad_norm_
+        norm = clip(trained, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
         grad_norm = None if norm is None else float(norm)  # None: DeepSpeed clips inside its engine
         if grad_norm is not None and not math.isfinite(grad_norm):
             raise _not_finite("the gradient norm", grad_norm, step, out)
@@ -330,7 +350,8 @@ def _train(cfg: TrainConfig, stop_after: int | None) -> dict:
             method.save(unwrapped, out, cfg)
             manifest = write_manifest(out, method=cfg.method, base=cfg.model, fingerprint=fingerprint,
                                       extra={"optimizer_parameters": n_opt, "steps": step, "processes": world,
-                                             "engine": accelerator.distributed_type.name})
+                                             "engine": "EXPERT_PARALLEL" if expert_parallel
+                                             else accelerator.distributed_type.name})
     accelerator.wait_for_everyone()
     summary = {"out": str(out), "steps": step, "train_loss": last.get("loss"), "eval_loss": final_eval,
                "optimizer_parameters": n_opt, "model": unwrapped, "main_process": main,
