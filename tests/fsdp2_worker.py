@@ -6,7 +6,9 @@ FSDP unit), the optimiser groups of the method, ``optimizer_state`` / ``load_opt
 ``gathered`` with ``trainable_tensors`` and the method's save, as checkpoints and artifacts are written. With one process (imported by the
 test) it is the unsharded reference.
 
-    python tests/fsdp2_worker.py OUT EXPERT_CONFIG
+    python tests/fsdp2_worker.py OUT EXPERT_CONFIG [bf16]
+
+``bf16``: the model in bfloat16 and the loop's optimiser for it, AdamW with fp32 master weights.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from moecraft.methods import get_method
 from moecraft.models import tiny_model
 from moecraft.train.checkpoint import load_optimizer_state, optimizer_state, trainable_tensors
 from moecraft.train.distributed import gathered
+from moecraft.train.optim import AdamWMaster
 
 STEPS, ROWS_PER_RANK, SEQ = 3, 2, 24
 
@@ -35,10 +38,12 @@ def batch(step: int, rows: slice) -> torch.Tensor:
     return torch.randint(3, 250, (2 * ROWS_PER_RANK, SEQ), generator=g)[rows]
 
 
-def run(out: Path, experts: str, rank: int = 0, world: int = 1) -> None:
+def run(out: Path, experts: str, rank: int = 0, world: int = 1, bf16: bool = False) -> None:
     esft = get_method("esft")
     cfg = SimpleNamespace(experts=experts, train_shared_experts=None, train_non_expert_modules=None)
-    model = esft.prepare(tiny_model("deepseek_v2", seed=0), cfg).train()
+    base = tiny_model("deepseek_v2", seed=0).to(torch.bfloat16 if bf16 else torch.float32)
+    model = esft.prepare(base, cfg).train()
+    adamw = AdamWMaster if bf16 else torch.optim.AdamW
     sharded = world > 1
     if sharded:
         from torch.distributed.device_mesh import init_device_mesh
@@ -48,7 +53,7 @@ def run(out: Path, experts: str, rank: int = 0, world: int = 1) -> None:
         for layer in model.model.layers:  # one unit per decoder layer, as accelerate's TRANSFORMER_BASED_WRAP
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    optimizer = torch.optim.AdamW(esft.param_groups(model, 0.1), lr=1e-3)
+    optimizer = adamw(esft.param_groups(model, 0.1), lr=1e-3)
     rows = slice(rank * (2 * ROWS_PER_RANK // world), (rank + 1) * (2 * ROWS_PER_RANK // world))
     for step in range(STEPS):
         optimizer.zero_grad(set_to_none=True)
@@ -58,10 +63,11 @@ def run(out: Path, experts: str, rank: int = 0, world: int = 1) -> None:
 
     frozen_with_grad = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
     state = optimizer_state(model, optimizer, sharded)  # full, by name (a collective)
-    fresh = torch.optim.AdamW(esft.param_groups(model, 0.1), lr=1e-3)
+    fresh = adamw(esft.param_groups(model, 0.1), lr=1e-3)
     load_optimizer_state(model, fresh, state, sharded)
     reloaded = optimizer_state(model, fresh, sharded)
-    round_trip = rank != 0 or all(torch.equal(reloaded["state"][n][k], v) for n, s in state["state"].items()
+    round_trip = rank != 0 or all(torch.equal(reloaded["state"][n][k], v) and reloaded["state"][n][k].dtype == v.dtype
+                                  for n, s in state["state"].items()
                                   for k, v in s.items() if torch.is_tensor(v))  # full state lives on process 0
     with gathered(model):  # a collective: FSDP2 swaps the whole tensors in
         if rank == 0:
@@ -81,5 +87,5 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     out_dir = Path(sys.argv[1])
     out_dir.mkdir(parents=True, exist_ok=True)
-    run(out_dir, sys.argv[2], dist.get_rank(), int(os.environ["WORLD_SIZE"]))
+    run(out_dir, sys.argv[2], dist.get_rank(), int(os.environ["WORLD_SIZE"]), bf16=sys.argv[3:] == ["bf16"])
     dist.destroy_process_group()

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launchers import run_launcher
 from safetensors.torch import load_file
 
 from moecraft.artifacts import load_artifact
@@ -47,20 +44,10 @@ ARGS = ["--model", "tiny:deepseek_v2", "--data", "builtin:intent", "--method", "
 
 def _launch(config: str, report: Path, *args: str) -> str:
     """``accelerate launch`` the worker on 2 processes; the whole process group is killed on a hang."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+    cmd = ["-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs" / "accelerate" / config), "--num_processes", "2", "--mixed_precision", "no",
            "--gradient_accumulation_steps", "2", "--main_process_port", "0", str(WORKER), str(report), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"accelerate launch with {config} hung for {LAUNCH_TIMEOUT} s:\n{out[-4000:]}")
-    assert proc.returncode == 0, out[-6000:]
-    return out
+    return run_launcher(cmd, LAUNCH_TIMEOUT, what=f"accelerate launch with {config}")
 
 
 def _assert_close(a: dict, b: dict) -> None:

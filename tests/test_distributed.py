@@ -7,13 +7,11 @@ must need the same number of processes.
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launchers import torchrun
 from safetensors.torch import load_file
 
 from moecraft.artifacts import load_artifact
@@ -25,13 +23,6 @@ EXPERTS = {"1": [3, 7], "2": [0, 5, 9]}
 # the all-reduce sums in another order than one process does; Adam's m/sqrt(v) scales that rounding up on
 # near-zero gradients to ~1e-6 of a weight after a few steps
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def _torchrun(*args: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def _expert_config(tmp_path: Path) -> str:
@@ -55,7 +46,7 @@ def test_two_processes_train_like_one_with_twice_the_accumulation(tmp_path):
     cli = ["-m", "moecraft", "train", "--model", "tiny:deepseek_v2", "--data", "builtin:intent", "--out", str(two),
            "--method", "esft", "--experts", experts, "--seq-len", "128", "--max-steps", "3", "--eval-sequences", "2",
            "--lr", "1e-3", "--save-every", "2", "--progress", "false"]
-    _torchrun(*cli)
+    torchrun(*cli)
 
     manifest = json.loads((two / "artifact.json").read_text())
     assert (manifest["processes"], manifest["engine"]) == (2, "MULTI_CPU")
@@ -77,7 +68,7 @@ def test_two_processes_train_like_one_with_twice_the_accumulation(tmp_path):
 
     # resuming from the step-2 checkpoint on two processes redoes step 3 exactly
     first = load_file(two / "trained.safetensors")
-    _torchrun(*cli, "--resume")
+    torchrun(*cli, "--resume")
     for name, t in load_file(two / "trained.safetensors").items():
         assert torch.equal(t, first[name]), name
     # ... and needs two processes
@@ -95,7 +86,7 @@ def _fsdp2_worker():
 def test_fsdp2_shards_train_like_one_process_and_save_whole_tensors(tmp_path):
     # accelerate runs FSDP only on accelerators; the worker drives torch's fully_shard with the loop's pieces
     experts = _expert_config(tmp_path)
-    _torchrun(str(Path(__file__).with_name("fsdp2_worker.py")), str(tmp_path / "two"), experts)
+    torchrun(str(Path(__file__).with_name("fsdp2_worker.py")), str(tmp_path / "two"), experts)
     _fsdp2_worker().run(tmp_path / "one", experts)
 
     two = json.loads((tmp_path / "two" / "report.json").read_text())
@@ -109,6 +100,27 @@ def test_fsdp2_shards_train_like_one_process_and_save_whole_tensors(tmp_path):
     opt1, opt2 = (torch.load(tmp_path / d / "optimizer.pt", weights_only=False)["state"] for d in ("one", "two"))
     for name in opt1:
         _assert_same_tensors(opt2[name], opt1[name])
+
+
+def test_fsdp2_bf16_shards_keep_fp32_masters_through_a_state_round_trip(tmp_path):
+    """bf16 trainable experts under FSDP2: the loop's AdamWMaster keeps (sharded) fp32 masters; the full
+    optimiser state gathers them and reloads them as fp32 (not cast to the parameters' bf16)."""
+    experts = _expert_config(tmp_path)
+    torchrun(str(Path(__file__).with_name("fsdp2_worker.py")), str(tmp_path / "two"), experts, "bf16")
+    _fsdp2_worker().run(tmp_path / "one", experts, bf16=True)
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert two["round_trip"] and two["unsharded_trainable"] == [] and two["frozen_with_grad"] == []
+    opt1, opt2 = (torch.load(tmp_path / d / "optimizer.pt", weights_only=False)["state"] for d in ("one", "two"))
+    assert sorted(opt1) == sorted(opt2) and opt1
+    for name in opt1:
+        master1, master2 = opt1[name]["master"], opt2[name]["master"]
+        assert master1.dtype == master2.dtype == torch.float32
+        # bf16 gradients, reduced in another order, flip the sign of Adam's step on near-zero ones: each run
+        # moves a weight at most lr per step, so the two runs agree to 2 * lr * steps
+        torch.testing.assert_close(master2, master1, rtol=0, atol=2 * 1e-3 * 3)
+        # the bf16 weight the model computes with is its master rounded
+        torch.testing.assert_close(load_file(tmp_path / "two" / "trainable.safetensors")[name], master2.bfloat16(),
+                                   rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name, engine, detail", [("ddp", "MULTI_GPU", None), ("fsdp2", "FSDP", 2),

@@ -7,13 +7,11 @@ on one device), and ``--resume`` must continue it exactly.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launchers import torchrun
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -46,13 +44,6 @@ def _expert_config(tmp_path: Path) -> str:
     return str(path)
 
 
-def _torchrun(*args: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
 def _assert_same(a: dict, b: dict) -> None:
     assert sorted(a) == sorted(b)
     for name in a:
@@ -68,7 +59,7 @@ def test_expert_parallel_esft_trains_like_one_process_and_resumes(tmp_path, base
     cli = ["-m", "moecraft", "train", "--model", str(base), "--data", "builtin:intent", "--out", str(two),
            "--method", "esft", "--experts", experts, "--seq-len", "128", "--max-steps", "3", "--eval-sequences", "2",
            "--lr", "1e-3", "--save-every", "2", "--progress", "false", "--expert-parallel", "2"]
-    _torchrun(*cli)
+    torchrun(*cli)
 
     manifest = json.loads((two / "artifact.json").read_text())
     assert (manifest["processes"], manifest["engine"]) == (2, "EXPERT_PARALLEL")
@@ -92,7 +83,7 @@ def test_expert_parallel_esft_trains_like_one_process_and_resumes(tmp_path, base
     torch.testing.assert_close(logits, reference, **TOL)
 
     # resuming from the step-2 checkpoint on two processes redoes step 3 exactly
-    _torchrun(*cli, "--resume")
+    torchrun(*cli, "--resume")
     for name, t in load_file(two / "trained.safetensors").items():
         assert torch.equal(t, trained[name]), name
 
