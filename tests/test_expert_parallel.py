@@ -121,3 +121,19 @@ def test_shared_or_non_expert_training_is_refused_under_expert_parallelism(tmp_p
     cfg = SimpleNamespace(experts=_expert_config(tmp_path), train_shared_experts=True, train_non_expert_modules=None)
     with pytest.raises(MoecraftError, match="trains routed experts only"):
         METHOD.prepare(model, cfg)
+
+
+def test_expert_parallel_scoring_sums_every_process_share(tmp_path, base):
+    """3 sequences on 2 processes: one of them also runs a batch that counts nothing, to keep the all-to-alls
+    in step; the summed statistics are those of one process scoring all 3."""
+    from moecraft.esft.stats import ExpertScores, ScoreConfig, score_experts
+
+    options = ["--data", "builtin:intent", "--n-sequences", "3", "--seq-len", "64"]
+    torchrun("-m", "moecraft", "score", "--model", str(base), "--out", str(tmp_path / "ep.json"),
+             "--expert-parallel", "2", *options)
+    one = score_experts(ScoreConfig(model=str(base), data="builtin:intent", n_sequences=3, seq_len=64,
+                                    out=tmp_path / "one.json"))
+    two = ExpertScores.load(tmp_path / "ep.json")
+    assert two.n_tokens == one.n_tokens == 3 * 64
+    assert torch.equal(two.token_count, one.token_count)  # every token picks the same experts
+    torch.testing.assert_close(two.gate_sum, one.gate_sum, rtol=1e-6, atol=1e-9)

@@ -5,6 +5,8 @@ tokens), runs it through the model with no gradient, and writes per-layer gate s
 Example: moecraft score --model deepseek-ai/DeepSeek-V2-Lite --data train.jsonl --out scores.json
 """
 
+import os
+
 from moecraft.esft.stats import ScoreConfig, score_experts
 
 CONFIG = ScoreConfig
@@ -12,6 +14,8 @@ CONFIG = ScoreConfig
 
 def run(cfg: ScoreConfig) -> int:
     scores = score_experts(cfg)
+    if cfg.expert_parallel > 1 and int(os.environ.get("RANK", 0)) != 0:  # one process reports
+        return 0
     print(
         f"scored {scores.n_tokens} tokens over {len(scores.layers)} MoE layers x {scores.num_experts} experts "
         f"({scores.family}); wrote {cfg.out}"

@@ -18,6 +18,7 @@ a fixed size ``[layers, experts]``, so memory does not grow with the number of t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -47,6 +48,9 @@ class ScoreConfig:
     dtype: str = field(default="auto", metadata={"help": "model dtype: auto, bfloat16, float32, ..."})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda, cuda:1, ..."})
     limit: int | None = field(default=None, metadata={"help": "read at most this many records"})
+    expert_parallel: int = field(default=1, metadata={
+        "help": "split each MoE layer's experts over N processes (transformers' expert-parallel plan; launch "
+                "N processes with torchrun); each scores its share of the sample"})
 
 
 def resolve_device(device: str) -> torch.device:
@@ -191,21 +195,32 @@ def collect_router_stats(
     pad_token_id: int = 0,
     model_name: str = "",
     progress: bool = True,
+    process: tuple[int, int] = (0, 1),
 ) -> ExpertScores:
     """Run ``sequences`` (``(input_ids, count_mask)`` pairs) through ``model`` and accumulate statistics.
 
     Only the decoder runs (no LM head: the vocabulary projection is not needed for routing).
+    ``process`` = (rank, world) of a model sharded over several processes (expert parallelism): each runs
+    every world-th batch, all run the same number of forwards (the experts' all-to-all is a collective;
+    a process out of batches runs one that counts nothing), and the statistics are summed over processes.
     """
     if not sequences:
         raise MoecraftError("no sequences to score")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    rank, world = process
+    if world > 1:  # transformers FSDP2-sharded the model from its root: the decoder alone cannot run, so run
+        # the whole model with one position of the LM head
+        decoder = partial(model, logits_to_keep=1)
+    else:
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    starts = list(range(0, len(sequences), batch_size))
+    per_process = -(-len(starts) // world)
+    mine = (starts[rank::world] + [None] * per_process)[:per_process]  # None: a batch that counts nothing
     with RouterStatsCollector(model) as stats:
-        batches = range(0, len(sequences), batch_size)
-        for start in tqdm(batches, desc="scoring experts", unit="batch", disable=not progress):
-            chunk = sequences[start : start + batch_size]
+        for start in tqdm(mine, desc="scoring experts", unit="batch", disable=not progress or rank != 0):
+            chunk = sequences[:1] if start is None else sequences[start : start + batch_size]
             width = max(len(ids) for ids, _ in chunk)
             input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
             attention = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -214,9 +229,18 @@ def collect_router_stats(
                 input_ids[r, : len(ids)] = torch.tensor(ids)
                 attention[r, : len(ids)] = 1
                 count[r, : len(ids)] = torch.tensor(mask, dtype=torch.bool)
+            if start is None:
+                count.zero_()
             stats.valid = count.reshape(-1).to(device)
             decoder(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False)
             stats.count_tokens(int(count.sum()))
+    if world > 1:
+        import torch.distributed as dist
+
+        total = torch.tensor(float(stats.n_tokens), dtype=torch.float64, device=device)
+        for t in (stats.gate_sum, stats.token_count, total):
+            dist.all_reduce(t)
+        stats.n_tokens = int(total.item())
     model.train(was_training)
     if stats.n_tokens == 0:
         raise MoecraftError("the sample has no tokens to count")
@@ -238,6 +262,7 @@ def score_experts(cfg: ScoreConfig, model: nn.Module | None = None, tokenizer=No
     Pass an already loaded ``model``/``tokenizer`` to skip loading ``cfg.model``.
     """
     from moecraft.data import load_records, sample_sequences
+    from moecraft.esft.expert_parallel import expert_parallel_config, is_expert_parallel
     from moecraft.models import check_sequence_length, load_model
     from moecraft.runinfo import run_info, seed_everything
 
@@ -246,16 +271,29 @@ def score_experts(cfg: ScoreConfig, model: nn.Module | None = None, tokenizer=No
         check_output_file(cfg.out, "--out")
     if cfg.n_sequences < 1 or cfg.seq_len < 2 or cfg.batch_size < 1:
         raise MoecraftError("n_sequences and batch_size must be >= 1 and seq_len >= 2")
+    if cfg.expert_parallel < 1:
+        raise MoecraftError(f"expert_parallel must be at least 1, got {cfg.expert_parallel}")
+    sharding = {}
+    if cfg.expert_parallel > 1:
+        import os
+
+        sharding["distributed_config"] = expert_parallel_config(cfg.expert_parallel,
+                                                                int(os.environ.get("WORLD_SIZE", 1)))
     if model is None or tokenizer is None:
         # cfg.seed drives the data sample only: the model (tiny:<family> included) is the same for every seed
-        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device))
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device), **sharding)
+    process = (0, 1)
+    if is_expert_parallel(model):
+        import torch.distributed as dist
+
+        process = (dist.get_rank(), dist.get_world_size())
     get_family(model)  # unsupported models fail before any data work
     check_sequence_length(model, cfg.seq_len)
     records = load_records(cfg.data, limit=cfg.limit)
     sequences = sample_sequences(records, tokenizer, cfg.n_sequences, cfg.seq_len, cfg.seed, cfg.response_only)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores = collect_router_stats(model, sequences, cfg.batch_size, pad, model_name=cfg.model)
+    scores = collect_router_stats(model, sequences, cfg.batch_size, pad, model_name=cfg.model, process=process)
     scores.meta = {"data": cfg.data, "n_sequences": len(sequences), **run_info(cfg)}
-    if cfg.out:
+    if cfg.out and process[0] == 0:  # one writer; every process holds the summed statistics
         scores.save(cfg.out)
     return scores
