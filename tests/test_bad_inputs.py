@@ -576,6 +576,10 @@ def test_expert_parallel_settings_checked_before_any_work(capsys, tmp_path):
     assert fails(capsys, *train, "--method", "lora").startswith("--expert-parallel is for --method esft (got lora)")
     assert fails(capsys, *train).startswith("--expert-parallel 2 must equal the number of processes (1)")
     assert files_under(out) == []
+    scores = tmp_path / "scores.json"
+    assert fails(capsys, "score", "--model", folder, "--data", "builtin:intent", "--out", scores,
+                 "--expert-parallel", "2").startswith("--expert-parallel 2 must equal the number of processes (1)")
+    assert not scores.exists()
 
 
 def test_lora_experts_with_dropout(capsys, tmp_path):
