@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from moecraft.errors import MoecraftError
-from moecraft.esft.sparse import SparseExperts, apply_sparse_experts, remove_sparse_experts, sparse_modules
+from moecraft.esft.sparse import (
+    SparseExperts,
+    _child_name,
+    apply_sparse_experts,
+    remove_sparse_experts,
+    sparse_modules,
+)
 from moecraft.families import moe_layers
 from moecraft.models import tiny_model
 
@@ -145,11 +151,40 @@ def _parameter_bytes(model) -> int:
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
-def test_wrapping_adds_only_the_selected_experts_memory(kind):
+def test_wrapping_costs_no_memory_once_done(kind):
+    """The frozen experts are copied out and the original tensors freed (steady state: the same bytes)."""
+    import gc
+    import weakref
+
     model = _model(kind)
     before = _parameter_bytes(model)
+    originals = [weakref.ref(layer.experts) for layer in moe_layers(model) if layer.index in _selection(model)]
     apply_sparse_experts(model, _selection(model))
-    selected = sum(p.numel() * p.element_size() for m in sparse_modules(model).values() for p in m.trainable.parameters()
-                   if p.shape[0] == len(m.expert_ids))
-    assert selected > 0
-    assert _parameter_bytes(model) - before == selected  # the frozen experts were not copied
+    gc.collect()
+    assert all(ref() is None for ref in originals)
+    assert _parameter_bytes(model) == before
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_shared_frozen_experts_add_only_the_selected_experts_memory(kind):
+    """share_frozen (expert parallelism, where the original tensors stay alive): no copy of the frozen
+    experts, and the same outputs and fused tensors as the unwrapped model."""
+    model = _model(kind)
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+    before = _parameter_bytes(model)
+    pairs, selected = [], 0
+    for layer in moe_layers(model):
+        if layer.index in _selection(model):
+            sparse = SparseExperts(layer.experts, _selection(model)[layer.index], share_frozen=True)
+            setattr(layer.block, _child_name(layer.block, layer.experts), sparse)
+            pairs.append((sparse, layer.experts))
+            selected += sum(getattr(sparse.trainable, n).numel() * getattr(sparse.trainable, n).element_size()
+                            for n in sparse.param_names)
+    assert _parameter_bytes(model) - before == selected  # the frozen group is the original tensors
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+    for sparse, original in pairs:
+        for name, full in sparse.fused().items():
+            assert torch.equal(full, getattr(original, name))

@@ -90,7 +90,9 @@ def apply_sparse_experts_ep(model: nn.Module, experts: Mapping[int | str, list[i
         view = _clone_with(_plain_module(old), local, n_local, trainable=False)
         offset = rank * n_local
         ids = wanted[layer.index]
-        sparse = SparseExperts(view, [i - offset for i in ids if offset <= i < offset + n_local], allow_empty=True)
+        # share_frozen: transformers' FSDP state keeps the original tensors alive, so a copy would double them
+        sparse = SparseExperts(view, [i - offset for i in ids if offset <= i < offset + n_local], allow_empty=True,
+                               share_frozen=True)
         sparse.ep = ExpertShard(offset, n_local * ep_mesh.size(), ids, ep_mesh.get_group())
         EpDispatchExpertsParallel().install_forward(sparse, ep_mesh, tp_mesh=tp_mesh, ep_implementation="all_to_all")
         sparse.forward = _joined_backward(sparse.forward)

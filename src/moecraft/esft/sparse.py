@@ -4,8 +4,9 @@ transformers 5 keeps a layer's routed experts as fused 3-D tensors (``gate_up_pr
 ``down_proj`` [E, ...], optional ``*_bias`` [E, ...]), so ``requires_grad`` cannot pick single experts and
 masking the gradient still computes (and stores) the full weight gradient. :class:`SparseExperts` replaces
 the experts module of a layer by two copies of the *same* class, one holding the selected experts as a
-trainable ``Parameter`` [S, ...] (a copy) and one holding the original fused tensors, which do not require
-grad, for the other E-S experts (no copy: wrapping adds only the selected experts' memory).
+trainable ``Parameter`` [S, ...] and one holding the other E-S experts as tensors that do not require grad.
+(Under expert parallelism, where transformers' FSDP keeps the original module alive, the frozen group holds
+the original tensors instead of a copy: ``share_frozen``.)
 Each (token, expert) assignment of the router goes to the group that owns its expert, each group runs the
 model's own expert code (eager, grouped_mm or batched_mm: whatever ``config._experts_implementation``
 says) with its own weights, and the per-assignment outputs are weighted and reduced exactly as the original
@@ -78,12 +79,13 @@ class SparseExperts(nn.Module):
 
     ``forward(hidden_states, top_k_index, top_k_weights)`` has the experts module's signature. The
     selected experts live in ``self.trainable`` (Parameters [S, ...], requires_grad=True); the others in
-    ``self.frozen`` (the original [E, ...] tensors, requires_grad=False, so autograd never forms their
-    weight gradient; only its unselected rows are read). :meth:`fused` writes both back into the original
-    fused layout (bit-exact).
+    ``self.frozen`` (Parameters [E-S, ...], requires_grad=False, so autograd never forms their weight
+    gradient; with ``share_frozen`` the original [E, ...] tensors, of which only the unselected rows are
+    read). :meth:`fused` writes both back into the original fused layout (bit-exact).
     """
 
-    def __init__(self, experts: nn.Module, expert_ids: list[int], *, allow_empty: bool = False):
+    def __init__(self, experts: nn.Module, expert_ids: list[int], *, allow_empty: bool = False,
+                 share_frozen: bool = False):
         super().__init__()
         num_experts = int(experts.num_experts)
         ids = sorted({int(i) for i in expert_ids})
@@ -106,19 +108,19 @@ class SparseExperts(nn.Module):
             self.trainable = _clone_with(
                 experts, {n: getattr(experts, n).detach()[sel].clone() for n in names}, len(ids), True
             )
-            # the frozen experts stay where they are, in the original fused tensors (no copy, so wrapping costs
-            # only the selected experts' memory); the stale rows of the selected experts there are never read
-            self.frozen = (
-                _clone_with(experts, {n: getattr(experts, n).detach() for n in names}, num_experts, False)
-                if len(rest)
-                else None
-            )
+            # a copy of the unselected rows, so the original tensors can be freed; or, where something else keeps
+            # them alive anyway, the original tensors themselves (their selected rows are then never read)
+            frozen = {n: getattr(experts, n).detach() if share_frozen else getattr(experts, n).detach()[rest].clone()
+                      for n in names}
+            self.frozen = (_clone_with(experts, frozen, num_experts if share_frozen else len(rest), False)
+                           if len(rest) else None)
         # global expert id -> (group, local id); buffers so they follow .to(device)
         owner = torch.zeros(num_experts, dtype=torch.bool)
         owner[sel] = True
         local = torch.empty(num_experts, dtype=torch.long)
         local[sel] = torch.arange(len(sel))
-        local[rest] = rest
+        local[rest] = rest if share_frozen else torch.arange(len(rest))
+        self.frozen_rows = rest if share_frozen else torch.arange(len(rest))
         self.register_buffer("is_trainable", owner, persistent=False)
         self.register_buffer("local_id", local, persistent=False)
         self.register_buffer("selected", sel, persistent=False)
@@ -184,7 +186,7 @@ class SparseExperts(nn.Module):
             full = t.new_empty((self.num_experts, *t.shape[1:]))
             full[self.selected] = t.detach()
             if self.frozen is not None:
-                full[self.unselected] = getattr(self.frozen, name).detach()[self.unselected].to(t.dtype)
+                full[self.unselected] = getattr(self.frozen, name).detach()[self.frozen_rows].to(t.dtype)
             out[name] = full
         return out
 
@@ -214,13 +216,14 @@ def apply_sparse_experts(model: nn.Module, experts: Mapping[int | str, list[int]
                             f"(MoE layers: {sorted(layers)})")
     wrapped = {}
     for idx, ids in sorted(wanted.items()):
-        layer = layers[idx]
+        layer = layers.pop(idx)  # holding no reference to a replaced module frees it before the next copy
         if isinstance(layer.experts, SparseExperts):
             raise MoecraftError(f"layer {idx} is already wrapped")
         name = _child_name(layer.block, layer.experts)
         sparse = SparseExperts(layer.experts, ids)
         setattr(layer.block, name, sparse)
         wrapped[f"{layer.block_path}.{name}"] = sparse
+        del layer
     return wrapped
 
 
