@@ -1,7 +1,7 @@
-"""Shared pieces of the replication: the two scales (full GPU run, CPU smoke), the output layout, small I/O.
+"""Shared pieces of the replication: the three scales (full GPU run, ~1 h CPU run, CPU smoke), the output
+layout, small I/O.
 
-Every size of the experiment lives in :class:`Scale`, so the full run and the smoke test differ only in
-numbers, never in code path.
+Every size of the experiment lives in :class:`Scale`, so the scales differ only in numbers, never in code path.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ DOMAINS = ("code", "prose")  # pretraining domains; held-out perplexity per doma
 
 @dataclass(frozen=True)
 class Scale:
-    """All sizes of one run. ``full``: ~10 min per pretraining on one H100; ``smoke``: seconds on CPU."""
+    """All sizes of one run. ``full``: ~10 min per pretraining on one H100; ``cpu``: ~1 h in all on 2 cores;
+    ``smoke``: seconds on CPU."""
 
     name: str
     # corpus
@@ -64,6 +65,7 @@ class Scale:
     pesc_adapter_dim: int = 64
     eval_sequences: int = 8  # packed validation sequences behind each run's final validation loss
     seeds: tuple[int, ...] = (0,)
+    torch_threads: int | None = None  # intra-op threads of every process (None: torch's default)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -106,9 +108,38 @@ SMOKE = Scale(
     seq_len=256, batch_size=2, steps=2, lr_grid=(1e-3,), mix_ratio=0.5, save_every=1,
     max_task_records=120, score_sequences=2, eval_limit=3, eval_batch=3, max_new_tokens_cap=6,
     ppl_limit=3, pesc_adapter_dim=8, eval_sequences=1,
+    torch_threads=1,  # tiny models: thread start-up costs more than it saves
 )
 
-SCALES = {s.name: s for s in (FULL, SMOKE)}
+# Sized with timing probes on a shared 2-core CPU (AMD EPYC, torch 2.13, one thread per process, nice 10):
+# pretraining ~2,500 tokens/s for either model, fine-tuning ~2,300 (MoE) / ~2,800 (dense PESC) tokens/s, a 500-row
+# intent evaluation ~15 s. Budget ~55 min: ~19 min pretraining (both models), ~33 min experiments (29 fine-tuning
+# runs of 60 steps, ~40 evaluations). Learning-rate grid: a first run with {3e-4, 1e-3} chose 1e-3, its upper
+# edge, for every method, so the grid starts there. Same structure as FULL in miniature: DeepSeek-V2-shaped MoE (32 routed
+# experts of width 64, top-4, 2 shared, first layer dense with the active width 6 x 64 = 384, MLA attention)
+# and a dense Llama of the same width, depth and FFN width as the MoE's active experts.
+CPU = Scale(
+    name="cpu",
+    max_docs_per_source=None, max_bytes_per_source=3_000_000, heldout_percent=5, record_chars=3000,
+    vocab_size=8192, tokenizer_task_records=None,
+    moe=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+             intermediate_size=384, moe_intermediate_size=64, n_routed_experts=32, num_experts_per_tok=4,
+             n_shared_experts=2, first_k_dense_replace=1, kv_lora_rank=64, q_lora_rank=None,
+             qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64, routed_scaling_factor=1.0,
+             topk_method="greedy", norm_topk_prob=False, max_position_embeddings=1024),
+    dense=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+               intermediate_size=384, max_position_embeddings=1024),
+    pretrain_seq_len=256, pretrain_batch=16, pretrain_steps=320, pretrain_lr=2e-3, pretrain_warmup=30,
+    aux_loss_coef=0.01, pretrain_eval_windows=32,
+    seq_len=256, batch_size=8, steps=60, lr_grid=(1e-3, 3e-3, 1e-2), mix_ratio=0.5, save_every=30,
+    max_task_records=None, score_sequences=32, eval_limit=None, eval_batch=50, max_new_tokens_cap=64,
+    ppl_limit=40, pesc_adapter_dim=16,
+    eval_sequences=32,  # task scores of models this small sit near 0: the validation loss carries the comparison
+    # with other jobs on the two cores, a second thread waits on a busy core: one thread was 3-5x faster
+    torch_threads=1,
+)
+
+SCALES = {s.name: s for s in (FULL, CPU, SMOKE)}
 
 
 @dataclass(frozen=True)

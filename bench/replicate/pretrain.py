@@ -214,6 +214,9 @@ def pretrain(kind: str, layout: Layout, scale: Scale, time_budget: float | None,
 
     heldout = {d: heldout_loss(model, tokens[f"{d}.heldout"], scale) for d in doms}
     model.config.use_cache = True
+    # the generation config was derived from the training config (use_cache off); without this every
+    # generated token re-runs the whole prefix (~10x slower evaluation)
+    model.generation_config.use_cache = True
     model.eval()
     final.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(final))

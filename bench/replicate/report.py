@@ -3,8 +3,12 @@
 Every number in a table cites the commands behind it (``c<N>``, listed at the end with their command lines,
 run inside the output folder). The section on the papers' claims is computed here from the numbers: each
 claim is the paper's qualitative statement, the evidence is the measured comparison, and the verdict follows
-a stated rule (task scores: a difference counts when it exceeds two binomial standard errors; perplexity:
-when it exceeds 1% relative; one seed unless the scale lists more, so run-to-run variation is not measured).
+a stated rule (task scores: a difference counts when it exceeds two binomial standard errors, and a comparison
+in which every score is within two standard errors of 0 is "not testable"; perplexity, and the task
+validation loss as a perplexity ratio exp(a - b): a difference counts when it exceeds 1% relative; one seed
+unless the scale lists more, so run-to-run variation is not measured). The task validation loss (final loss of
+each ``moecraft train`` run on held-out task rows, the learning-rate criterion) measures how much of the task
+was learnt even where small models score 0 on the exact-match metrics.
 """
 
 from __future__ import annotations
@@ -93,6 +97,17 @@ def mean_score(rows: list[dict]) -> tuple[float, float]:
     return mean([x["value"] for x in s]), math.sqrt(sum(se(x) ** 2 for x in s)) / max(1, len(s))
 
 
+def at_floor(*groups: list[dict]) -> bool:
+    """Every task score of these rows is within two standard errors of 0 (nothing to compare)."""
+    scores = [task_score(rows, t) for rows in groups for t in TASKS]
+    return all(x["value"] <= 2 * se(x) for x in scores if x)
+
+
+def val_loss(rows: list[dict]) -> float:
+    """Mean over the rows (tasks, seeds) of the final validation loss on the task's held-out rows."""
+    return mean([r.get("eval_loss") for r in rows])
+
+
 def ppl_change(rows: list[dict], base: list[dict], dom: str) -> float:
     """Mean relative change (%) of held-out perplexity against the base model."""
     b = mean([r["ppl"][dom]["ppl"] for r in base if dom in r["ppl"]])
@@ -130,19 +145,21 @@ def tables(res: dict, cite: Cites) -> list[Table]:
                 f"{res['tokenizer']['vocab_size']} tokens."))
 
     headers = ["method", "lr", *[f"{t} ({task_score(esft['vanilla'], t)['metric']})" for t in TASKS], "mean",
-               "commands"]
+               *[f"{t} val loss" for t in TASKS], "commands"]
     rows = []
     for m, rs in esft.items():
         ms, s = mean_score(rs)
         rows.append([m, num(rs[0]["lr"]), *[f"{task_score(rs, t)['value']:.1f}" for t in TASKS],
-                     f"{ms:.1f} ± {s:.1f}", cite(*[r["train_step"] for r in rs], *[e for r in rs for e in r["eval_steps"]])])
+                     f"{ms:.1f} ± {s:.1f}", *[num(val_loss([r for r in rs if r["task"] == t])) for t in TASKS],
+                     cite(*[r["train_step"] for r in rs], *[e for r in rs for e in r["eval_steps"]])])
     n_test = ", ".join(f"{t}: n={task_score(esft['vanilla'], t)['n']}" for t in TASKS)
     passes = ", ".join(f"{t} {d['passes']} passes over {d['unique_train_records']} rows"
                        for t, d in res["data"]["tasks"].items())
     out.append(("ESFT Table 1 in miniature: task performance (MoE model)", headers, rows,
                 f"Scores 0-100 on the test sets ({n_test}); mean ± one binomial standard error. Each fine-tuned "
                 f"row is a model trained on that task alone, mixed {res['scale']['mix_ratio']:.0%} with alignment "
-                f"text ({passes})."))
+                f"text ({passes}). Val loss: final loss of that training run on the task's validation rows "
+                f"(lower is better; not measured for the untrained model)."))
 
     rows = []
     for m, rs in esft.items():
@@ -181,11 +198,11 @@ def tables(res: dict, cite: Cites) -> list[Table]:
         if rs:
             ms, s = mean_score(rs)
             rows.append([m, rel, sh, ne, num(mean([r["trainable_params"] for r in rs]), "params"), f"{ms:.1f} ± {s:.1f}",
-                         pct(mean([ppl_change(rs, esft["vanilla"], d) for d in doms])),
+                         num(val_loss(rs)), pct(mean([ppl_change(rs, esft["vanilla"], d) for d in doms])),
                          cite(*[r["train_step"] for r in rs], *[e for r in rs for e in r["eval_steps"]])])
     out.append(("ESFT Table 3 in miniature: shared vs non-shared parameters",
                 ["config", "routed experts", "shared experts", "non-expert modules", "trainable", "specialized (mean score)",
-                 "general (mean ppl change)", "commands"], rows,
+                 "specialized (task val loss)", "general (mean ppl change)", "commands"], rows,
                 "Rows 'shared experts only' (× ✓ ×, × ✓ ✓) are not in this experiment's plan yet (moecraft "
                 "trains them: an expert config with no routed expert plus --train-shared-experts)."))
 
@@ -207,21 +224,26 @@ def tables(res: dict, cite: Cites) -> list[Table]:
     rows = [[s["model"], s["method"], num(s["lr"]), f"{s['eval_loss']:.4f}",
              "✓" if res["chosen_lr"][s["model"]].get(s["method"]) == s["lr"] else "", cite(s["step"])]
             for s in res["sweep"]]
+    grid = sorted(res["scale"]["lr_grid"])
+    edge = [f"{model}/{m} ({'highest' if lr == grid[-1] else 'lowest'})" for model, lrs in res["chosen_lr"].items()
+            for m, lr in lrs.items() if len(grid) > 1 and lr in (grid[0], grid[-1])]
     out.append(("Learning-rate choice (validation loss)", ["model", "method", "lr", "final validation loss", "chosen",
                                                            "commands"], rows,
-                "As in the paper, one rate per method from a small grid; chosen on the first task (MoE) or the mix (dense)."))
+                "As in the paper, one rate per method from a small grid; chosen on the first task (MoE) or the mix "
+                "(dense)." + (" Chosen at an edge of the grid, so the best rate may lie beyond it: " + ", ".join(edge)
+                              + "." if edge else "")))
 
     rows = []
     for m, rs in pesc.items():
         ms, s = mean_score(rs)
         tp = mean([r["trainable_params"] for r in rs])
         rows.append([m, num(rs[0]["lr"]), *[f"{task_score(rs, t)['value']:.1f}" for t in TASKS], f"{ms:.1f} ± {s:.1f}",
-                     *[pct(ppl_change(rs, pesc["vanilla"], d)) for d in doms], num(tp, "params"),
+                     num(val_loss(rs)), *[pct(ppl_change(rs, pesc["vanilla"], d)) for d in doms], num(tp, "params"),
                      f"{100 * tp / dense_total:.2f}%", num(mean([r.get("step_s") for r in rs]), "s"),
                      num(mean([mem(r) for r in rs]), "B"), num(mean([r["artifact_bytes"] for r in rs]), "B"),
                      cite(*[r["train_step"] for r in rs], *[e for r in rs for e in r["eval_steps"]])])
     out.append(("PESC in miniature: dense model crafted into an MoE vs dense baselines (instruction mix)",
-                ["method", "lr", *TASKS, "mean", *[f"{d} ppl change" for d in doms], "trainable", "of base",
+                ["method", "lr", *TASKS, "mean", "mix val loss", *[f"{d} ppl change" for d in doms], "trainable", "of base",
                  "step time", mem_name, "artifact", "commands"], rows,
                 f"PESC: {res['scale']['pesc_num_experts']} adapter experts (dim {res['scale']['pesc_adapter_dim']}), "
                 f"top-{res['scale']['pesc_top_k']}, unquantised base; lora-eq: LoRA of rank {res['lora_eq_rank']} on every "
@@ -239,11 +261,23 @@ def claims(res: dict) -> list[tuple[str, str, str]]:
     def score_claim(claim: str, a: list[dict], b: list[dict], na: str, nb: str, comparable: bool) -> None:
         (sa, ea), (sb, eb) = mean_score(a), mean_score(b)
         diff, err = sa - sb, math.sqrt(ea**2 + eb**2)
-        if comparable:
+        if at_floor(a, b):
+            v = "not testable here: every task score of both is within 2 SE of 0"
+        elif comparable:
             v = "holds" if diff >= -2 * err else "does not hold"
         else:
             v = "holds" if diff > 2 * err else "does not hold" if diff < -2 * err else "inconclusive (within 2 SE)"
         out.append((claim, f"mean task score {na} {sa:.1f} vs {nb} {sb:.1f} (difference {diff:+.1f}, 2 SE = {2 * err:.1f})", v))
+
+    def loss_claim(claim: str, a: list[dict], b: list[dict], na: str, nb: str, comparable: bool) -> None:
+        la, lb = val_loss(a), val_loss(b)
+        ratio = 100 * (math.exp(la - lb) - 1)  # task perplexity of a relative to b
+        if comparable:
+            v = "holds" if ratio <= 1 else "does not hold"
+        else:
+            v = "holds" if ratio < -1 else "does not hold" if ratio > 1 else "inconclusive (within 1%)"
+        out.append((claim + " [task validation loss]", f"validation loss {na} {la:.3f} vs {nb} {lb:.3f} "
+                                                       f"(task perplexity {pct(ratio)})", v))
 
     def forget_claim(claim: str, a: list[dict], b: list[dict], base: list[dict], na: str, nb: str) -> None:
         ca, cb = (mean([ppl_change(x, base, d) for d in doms]) for x in (a, b))
@@ -251,9 +285,11 @@ def claims(res: dict) -> list[tuple[str, str, str]]:
         out.append((claim, f"held-out perplexity change vs vanilla: {na} {pct(ca)}, {nb} {pct(cb)}", v))
 
     for m in ("esft-gate", "esft-token"):
-        score_claim(f"{m} reaches task performance comparable to (or better than) FFT (Table 1)",
+        for measure in (score_claim, loss_claim):
+            measure(f"{m} reaches task performance comparable to (or better than) FFT (Table 1)",
                     esft[m], esft["fft"], m, "fft", comparable=True)
-        score_claim(f"{m} outperforms LoRA on the tasks (Table 1)", esft[m], esft["lora"], m, "lora", comparable=False)
+        for measure in (score_claim, loss_claim):
+            measure(f"{m} outperforms LoRA on the tasks (Table 1)", esft[m], esft["lora"], m, "lora", comparable=False)
         forget_claim(f"{m} keeps general ability better than FFT (Table 2)", esft[m], esft["fft"], esft["vanilla"], m, "fft")
     for m in ("esft-gate", "esft-token"):
         a, f = esft[m], esft["fft"]
@@ -276,19 +312,25 @@ def claims(res: dict) -> list[tuple[str, str, str]]:
                 f"shared top-{pr['k']} experts: same task {pr['same_task_mean']:.2f}, different tasks "
                 f"{pr['cross_task_mean']:.2f}, random sets {pr['chance']:.2f}",
                 "holds" if pr["same_task_mean"] > pr["cross_task_mean"] else "does not hold"))
-    order = [m for m in ("esft-gate", "esft-gate+shared", "esft-gate+shared+non-expert", "fft") if (esft | t3).get(m)]
-    rows = [(mean([r["trainable_params"] for r in (esft | t3)[m]]), mean_score((esft | t3)[m])[0],
-             mean([ppl_change((esft | t3)[m], esft["vanilla"], d) for d in doms])) for m in order]
+    both = esft | t3
+    order = [m for m in ("esft-gate", "esft-gate+shared", "esft-gate+shared+non-expert", "fft") if both.get(m)]
+    floor = at_floor(*[both[m] for m in order])  # then specialized performance is read from the validation loss
+    rows = [(mean([r["trainable_params"] for r in both[m]]),
+             -val_loss(both[m]) if floor else mean_score(both[m])[0],
+             mean([ppl_change(both[m], esft["vanilla"], d) for d in doms])) for m in order]
+    spec = "minus task validation loss (task scores all within 2 SE of 0)" if floor else "mean score"
     for i, (claim, col) in enumerate((("Specialized performance rises with the trainable parameters (Table 3)", 1),
                                       ("General performance falls as more shared parameters are trained (Table 3)", 2))):
         tau = kendall([r[0] for r in rows], [r[col] for r in rows])
-        out.append((claim, f"Kendall tau between trainable parameters and {'mean score' if i == 0 else 'perplexity change'} "
+        out.append((claim, f"Kendall tau between trainable parameters and {spec if i == 0 else 'perplexity change'} "
                            f"over {', '.join(order)}: {tau:+.2f}",
                     "holds" if tau > 0 else "does not hold" if tau < 0 else "inconclusive"))
-    score_claim("PESC outperforms its dense counterpart tuned on the same instructions (dense FFT)",
+    for measure in (score_claim, loss_claim):
+        measure("PESC outperforms its dense counterpart tuned on the same instructions (dense FFT)",
                 pesc["pesc"], pesc["fft"], "pesc", "fft", comparable=False)
-    score_claim("The crafted MoE, not the parameter count, helps: PESC beats dense LoRA with as many trainable parameters",
-                pesc["pesc"], pesc["lora-eq"], "pesc", "lora-eq", comparable=False)
+    for measure in (score_claim, loss_claim):
+        measure("The crafted MoE, not the parameter count, helps: PESC beats dense LoRA with as many trainable "
+                "parameters", pesc["pesc"], pesc["lora-eq"], "pesc", "lora-eq", comparable=False)
     forget_claim("PESC mitigates forgetting compared with dense fine-tuning (FFT)", pesc["pesc"], pesc["fft"],
                  pesc["vanilla"], "pesc", "fft")
     return out
@@ -328,6 +370,9 @@ def plots(layout: Layout, res: dict, out: Path) -> list[Path]:
                         width, label=d)
         axes[1].axhline(0, color="k", lw=0.5)
         axes[1].set(title=f"{title}: held-out perplexity change vs vanilla", ylabel="%")
+        changes = [abs(ppl_change(groups[m], base, d)) for m in names for d in doms]
+        if max(changes, default=0) > 300:  # one collapsed model would flatten every other bar on a linear axis
+            axes[1].set_yscale("symlog", linthresh=10)
         for ax in axes:
             ax.set_xticks([k + 0.4 - width / 2 for k in range(len(names))], names, rotation=30, ha="right")
             ax.legend()
@@ -384,42 +429,92 @@ def html_table(t: Table) -> str:
     return section(title, f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>", note=note or None)
 
 
+PUBLISH = {"full": Path(__file__).parent, "cpu": Path(__file__).parent / "results-cpu"}  # scale -> folder in git
+
+
+def stage_walls(layout: Layout) -> tuple[list[str], dict[str, float]]:
+    """The run.py command lines and the wall time per stage, summed over the calls that did the work."""
+    path = layout.root / "stages.jsonl"
+    rows = read_jsonl(path) if path.is_file() else []
+    walls: dict[str, float] = defaultdict(float)
+    for r in rows:
+        walls[r["stage"]] += r["wall_s"]
+    return sorted({r["command"] for r in rows}), dict(walls)
+
+
+def header(layout: Layout, res: dict) -> tuple[str, str]:
+    """(Markdown banner, one-line meta) stating scale, machine, seeds, sizes and the commands that ran."""
+    sc, mach, models = res["scale"], res["machine"], res["models"]
+    commands, walls = stage_walls(layout)
+    machine = (f"{mach['gpu']} ({mach.get('gpu_memory_gib', '?')} GiB) with " if "gpu" in mach else "") + (
+        f"a {mach['cpu_count']}-core CPU ({mach['cpu']})" + ("" if "gpu" in mach else ", no GPU"))
+    versions = f"torch {mach['torch']}, transformers {mach['transformers']}, CUDA {mach['cuda']}"
+    meta = (f"Scale '{sc['name']}'; seeds {list(sc['seeds'])}; machine: {machine}; {versions}. Commands run inside "
+            f"the output folder ({layout.root.name}/).")
+    sizes = "; ".join(f"{k}: {models[k]['architecture']}, {num(models[k]['parameters']['total'], 'params')} parameters "
+                      f"({num(models[k]['parameters']['active'], 'params')} active per token), pretrained on "
+                      f"{num(models[k]['tokens_seen'], 'params')} tokens in {models[k]['wall_s'] / 60:.0f} min"
+                      for k in ("moe", "dense"))
+    lines = []
+    if sc["name"] == "smoke":
+        lines.append("**Smoke run: tiny models and a few steps on CPU. The numbers only show that the pipeline works; "
+                     "they say nothing about the papers.**")
+    elif sc["name"] != "full":
+        seeds = ", ".join(map(str, sc["seeds"]))
+        lines.append(f"**Scale '{sc['name']}': a much smaller version of the full run, on {machine}. "
+                     + (f"One seed ({seeds}), so run-to-run variation is not measured. " if len(sc["seeds"]) == 1
+                        else f"Seeds {seeds}. ")
+                     + "The verdicts say what this miniature shows, not whether the papers hold at their scale.**")
+    lines.append(meta)
+    lines.append(f"Models: {sizes}. Fine-tuning: {sc['steps']} steps of {sc['batch_size']} x {sc['seq_len']} tokens, "
+                 f"learning rate from {list(sc['lr_grid'])}.")
+    if commands:
+        repeat = any("--time-budget" in c for c in commands)  # exit 3 = budget spent, same call again
+        lines.append(("Command (repeated until it exited 0): " if repeat else "Command: ")
+                     + "; ".join(f"`{c}`" for c in commands) + ". Wall time per stage: "
+                     + ", ".join(f"{st} {w / 60:.1f} min" for st, w in walls.items())
+                     + f" (total {sum(walls.values()) / 60:.0f} min).")
+    return "\n\n".join(lines), meta
+
+
 def write(layout: Layout, publish: bool = False) -> list[Path]:
-    """Write RESULTS.md and report/report.html; with ``publish`` also bench/replicate/RESULTS.md."""
+    """Write RESULTS.md and report/ (report.html and the plots); with ``publish`` also copy them into the
+    scale's folder under bench/replicate (``PUBLISH``)."""
     res = read_json(layout.exp / "results.json")
     cmds = records(layout.root)
     cite = Cites()
     tabs = tables(res, cite)
     verdicts = claims(res)
     smoke = res["scale"]["name"] == "smoke"
-    mach = res["machine"]
-    meta = (f"Scale '{res['scale']['name']}'; seeds {res['scale']['seeds']}; machine: {mach.get('gpu', 'no GPU')}, "
-            f"{mach['cpu']} ({mach['cpu_count']} CPUs), torch {mach['torch']}, transformers {mach['transformers']}, "
-            f"CUDA {mach['cuda']}. Commands run inside the output folder ({layout.root.name}/).")
-    banner = ("**Smoke run: tiny models and a few steps on CPU. The numbers only show that the pipeline works; they "
-              "say nothing about the papers.**\n\n" if smoke else "")
+    banner, meta = header(layout, res)
     claim_rows = [[c, e, v] for c, e, v in verdicts]
     claim_table: Table = ("Where the papers' claims hold at this scale and where not", ["paper's claim", "measured here",
                                                                                          "verdict"], claim_rows,
-                          "Computed from the tables above by report.py (rules in its docstring).")
+                          "Computed from the tables below by report.py (rules in its docstring).")
     appendix = [[cid, f"`{cmds[s]['command']}`" if s in cmds else s, num(cmds.get(s, {}).get("wall_s"), "s")]
                 for s, cid in cite.ids.items()]
-    stage_cmds = sorted({r["command"] for r in read_jsonl(layout.root / "stages.jsonl")}) if (
-        layout.root / "stages.jsonl").is_file() else []
+    stage_cmds, _ = stage_walls(layout)
     cmd_table: Table = ("Commands", ["id", "command", "wall time"], appendix,
                         "Pipeline commands (corpus, tokenizer, pretraining, data files): " + "; ".join(stage_cmds))
-    md = "\n".join(["# Miniature replication of ESFT and PESC: results", "", banner + meta, "",
-                    "Produced by `python bench/replicate/run.py`; see bench/replicate/README.md.", "",
-                    *[markdown_table(t) for t in [*tabs, claim_table, cmd_table]]])
+    report_dir = layout.root / "report"
+    figs = plots(layout, res, report_dir)
+    probe_png = layout.exp / "probe" / "analysis" / "overlap_shared_topk.png"
+    if probe_png.is_file():
+        figs.append(Path(shutil.copyfile(probe_png, report_dir / "probe_overlap.png")))
+    md = "\n".join(["# Miniature replication of ESFT and PESC: results", "", banner, "",
+                    "Produced by `python bench/replicate/run.py`; see bench/replicate/README.md. Plots: "
+                    + ", ".join(f"[{f.stem}](report/{f.name})" for f in figs) + " (all in `report/report.html`).", "",
+                    *[markdown_table(t) for t in [claim_table, *tabs, cmd_table]]])
     results_md = layout.root / "RESULTS.md"
     results_md.write_text(md, encoding="utf-8")
-    figs = plots(layout, res, layout.root / "report")
-    probe_png = layout.exp / "probe" / "analysis" / "overlap_shared_topk.png"
-    sections = [section("Plots", *[image_html(p) for p in figs], *([image_html(probe_png)] if probe_png.is_file() else [])),
+    sections = [section("Plots", *[image_html(p) for p in figs]),
                 *[html_table(t) for t in [claim_table, *tabs, cmd_table]]]
-    report = write_report(layout.root / "report" / "report.html", "Miniature replication of ESFT and PESC", sections,
-                          ("SMOKE RUN (plumbing only). " if smoke else "") + meta)
+    report = write_report(report_dir / "report.html", "Miniature replication of ESFT and PESC", sections,
+                          ("SMOKE RUN (plumbing only). " if smoke else "") + banner.replace("**", ""))
     written = [results_md, report]
-    if publish:
-        written.append(Path(shutil.copyfile(results_md, Path(__file__).with_name("RESULTS.md"))))
+    dest = PUBLISH.get(res["scale"]["name"]) if publish else None
+    if dest:
+        (dest / "report").mkdir(parents=True, exist_ok=True)
+        written.append(Path(shutil.copyfile(results_md, dest / "RESULTS.md")))
+        written += [Path(shutil.copyfile(f, dest / "report" / f.name)) for f in [report, *figs]]
     return written

@@ -1,6 +1,6 @@
 """One entry point for the miniature ESFT + PESC replication.
 
-    python bench/replicate/run.py --stage all [--smoke] [--out DIR] [--time-budget SECONDS]
+    python bench/replicate/run.py --stage all [--scale full|cpu|smoke] [--out DIR] [--time-budget SECONDS]
 
 Stages run in order (corpus, tokenizer, pretrain, experiments, report) and skip whatever is already done in
 ``--out``, so the same command repeated finishes the experiment in parts. Exit status 0: every requested
@@ -36,7 +36,8 @@ def done_markers(layout: Layout) -> dict[str, list[Path]]:
             "experiments": [layout.exp / "results.json"], "report": [layout.root / "RESULTS.md"]}
 
 
-def run_stage(stage: str, layout: Layout, scale: Scale, budget: Budget, mode: str, command: str) -> None:
+def run_stage(stage: str, layout: Layout, scale: Scale, budget: Budget, mode: str, command: str,
+              publish: bool = False) -> None:
     t0 = time.monotonic()
     print(f"== stage {stage} ({scale.name}) -> {layout.root}", flush=True)
     markers = done_markers(layout)
@@ -56,9 +57,9 @@ def run_stage(stage: str, layout: Layout, scale: Scale, budget: Budget, mode: st
             if not status["done"]:
                 raise OutOfTime(f"pretrain {kind}")
     elif stage == "experiments":
-        experiments.run(layout, scale, Runner(layout.root, mode, budget))
+        experiments.run(layout, scale, Runner(layout.root, mode, budget, threads=scale.torch_threads))
     else:
-        for path in report.write(layout, publish=scale.name == "full"):
+        for path in report.write(layout, publish=publish):
             print(f"  wrote {path}", flush=True)
     with (layout.root / "stages.jsonl").open("a") as f:
         f.write(json.dumps({"stage": stage, "command": command, "wall_s": round(time.monotonic() - t0, 2),
@@ -68,28 +69,39 @@ def run_stage(stage: str, layout: Layout, scale: Scale, budget: Budget, mode: st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--stage", choices=("all", *STAGES), default="all")
-    parser.add_argument("--smoke", action="store_true", help="tiny CPU version of everything (the test suite's)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/replicate[-smoke])")
+    parser.add_argument("--scale", choices=tuple(SCALES), default=None,
+                        help="sizes from common.py: full (one GPU), cpu (~1 h on 2 cores), smoke (seconds)")
+    parser.add_argument("--smoke", action="store_true", help="same as --scale smoke (the test suite's)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/replicate[-<scale>])")
+    parser.add_argument("--publish", action=argparse.BooleanOptionalAction, default=None,
+                        help="copy the report into bench/replicate (full) or bench/replicate/results-<scale> (cpu); "
+                             "default: only for the default --out")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="stop cleanly after about this many seconds (exit 3); the same call again continues")
-    parser.add_argument("--exec", dest="mode", choices=("subprocess", "inprocess"), default=None,
-                        help="how moecraft commands run (default: subprocess; inprocess with --smoke)")
+    parser.add_argument("--exec", dest="mode", choices=("subprocess", "inprocess", "hybrid"), default=None,
+                        help="how moecraft commands run (default: subprocess; hybrid with --scale cpu, inprocess "
+                             "with --smoke)")
     args = parser.parse_args(argv)
-    scale = SCALES["smoke" if args.smoke else "full"]
-    out = args.out or Path("runs") / ("replicate-smoke" if args.smoke else "replicate")
+    if args.smoke and args.scale not in (None, "smoke"):
+        parser.error("--smoke contradicts --scale " + args.scale)
+    scale = SCALES["smoke" if args.smoke else args.scale or "full"]
+    default_out = Path("runs") / ("replicate" if scale.name == "full" else f"replicate-{scale.name}")
+    out = args.out or default_out
     layout = Layout(out.resolve())
     layout.root.mkdir(parents=True, exist_ok=True)
     layout.check_scale(scale)
-    mode = args.mode or ("inprocess" if args.smoke else "subprocess")
-    if args.smoke:
+    mode = args.mode or {"smoke": "inprocess", "cpu": "hybrid"}.get(scale.name, "subprocess")
+    if scale.torch_threads:
         import torch
 
-        torch.set_num_threads(1)  # tiny models: thread start-up costs more than it saves
+        torch.set_num_threads(scale.torch_threads)
+    # only a run in the default folder overwrites the committed results (not a test or a trial elsewhere)
+    publish = args.publish if args.publish is not None else out == default_out
     budget = Budget(args.time_budget)
     command = "python bench/replicate/run.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     try:
         for stage in STAGES if args.stage == "all" else (args.stage,):
-            run_stage(stage, layout, scale, budget, mode, command)
+            run_stage(stage, layout, scale, budget, mode, command, publish)
     except OutOfTime as exc:
         print(f"time budget spent during {exc}; run the same command again to continue", flush=True)
         return MORE_TO_DO

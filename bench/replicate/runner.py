@@ -5,10 +5,11 @@ re-run there as it is) and is appended to ``commands.jsonl``: step id, command, 
 peak memory. A step whose output file exists is not run again, which is how repeated calls of at most
 ten minutes finish the whole experiment.
 
-Two modes with the same command lines: ``subprocess`` (the full run: one process per command, through
+Three modes with the same command lines: ``subprocess`` (the full run: one process per command, through
 this file's harness, which calls ``moecraft``'s entry point and records the peak CUDA memory and RSS of
-that process) and ``inprocess`` (the CPU smoke test: ``moecraft.cli.main(args)`` in this interpreter,
-since starting torch + transformers costs ~4 s a process on two cores).
+that process), ``inprocess`` (the CPU smoke test: ``moecraft.cli.main(args)`` in this interpreter,
+since starting torch + transformers costs ~4-6 s a process on two cores) and ``hybrid`` (the CPU scale:
+``train`` in its own process, whose peak memory the report compares, everything else in this one).
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ class Budget:
 @dataclass
 class Runner:
     root: Path
-    mode: str  # "subprocess" | "inprocess"
+    mode: str  # "subprocess" | "inprocess" | "hybrid"
     budget: Budget
     verbose: bool = True
+    threads: int | None = None  # OMP_NUM_THREADS of subprocesses (None: inherited)
 
     def moecraft(self, step: str, args: list[str], done: Path | str) -> dict:
         """Run ``moecraft *args`` unless ``done`` (relative to the root) exists; returns the log record."""
@@ -61,8 +63,9 @@ class Runner:
         log = self.root / "logs" / (step.replace("/", "__") + ".log")
         log.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
-        rec = self._subprocess(args, log, step) if self.mode == "subprocess" else self._inprocess(args, log)
-        rec = {"step": step, "command": command, "mode": self.mode, "log": os.path.relpath(log, self.root),
+        mode = self.mode if self.mode != "hybrid" else "subprocess" if args[0] == "train" else "inprocess"
+        rec = self._subprocess(args, log, step) if mode == "subprocess" else self._inprocess(args, log)
+        rec = {"step": step, "command": command, "mode": mode, "log": os.path.relpath(log, self.root),
                "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": round(time.monotonic() - t0, 3), **rec}
         with (self.root / "commands.jsonl").open("a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
@@ -77,8 +80,10 @@ class Runner:
         record = log.with_suffix(".json")
         record.unlink(missing_ok=True)
         argv = [sys.executable, str(Path(__file__).resolve()), "--record", str(record), "--", *args]
+        env = os.environ | ({"OMP_NUM_THREADS": str(self.threads)} if self.threads else {})
         with log.open("w") as out:
-            proc = subprocess.Popen(argv, cwd=self.root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(argv, cwd=self.root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=env)
             try:
                 proc.wait(timeout=self.budget.remaining())
             except subprocess.TimeoutExpired:
@@ -129,10 +134,24 @@ def records(root: Path) -> dict[str, dict]:
     return out
 
 
-def _harness(argv: list[str]) -> int:
-    """``runner.py --record FILE -- <moecraft args>``: run the CLI in this process, then write its costs."""
+def peak_rss() -> int:
+    """Peak resident memory of this process since its exec, in bytes.
+
+    Linux's ru_maxrss is not that: a child inherits its parent's high-water mark at fork and keeps it across
+    exec, so every command reported the driver's RSS (the same 2.86 GB for FFT and ESFT in a CPU run). VmHWM
+    belongs to the address space that exec created.
+    """
     import resource
 
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _harness(argv: list[str]) -> int:
+    """``runner.py --record FILE -- <moecraft args>``: run the CLI in this process, then write its costs."""
     import torch
 
     from moecraft.cli import main
@@ -144,7 +163,7 @@ def _harness(argv: list[str]) -> int:
     rec = {"rc": rc, "process_wall_s": round(time.monotonic() - t0, 3),
            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
            "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved() if torch.cuda.is_available() else None,
-           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+           "peak_rss_bytes": peak_rss()}
     record.write_text(json.dumps(rec) + "\n")
     return rc
 
