@@ -36,7 +36,6 @@ class ExpertShard:
     """Where a process's :class:`SparseExperts` sits among all processes' experts of its layer."""
 
     offset: int  # global id of this process's first expert
-    num_global: int  # routed experts of the layer, all processes together
     selected: list[int]  # global ids selected in the layer, all processes together
     group: object  # the expert-parallel process group
 
@@ -73,6 +72,9 @@ def apply_sparse_experts_ep(model: nn.Module, experts: Mapping[int | str, list[i
     """
     from transformers.distributed.expert_parallel import EpDispatchExpertsParallel
 
+    from moecraft.train.distributed import _input_requires_grad
+
+    implementation = model.config.distributed_config.ep_implementation
     mesh = model._mesh_manager
     ep_mesh, tp_mesh = mesh.get_mesh("ep"), mesh.get_mesh("tp")
     rank = ep_mesh.get_local_rank()
@@ -93,9 +95,12 @@ def apply_sparse_experts_ep(model: nn.Module, experts: Mapping[int | str, list[i
         # share_frozen: transformers' FSDP state keeps the original tensors alive, so a copy would double them
         sparse = SparseExperts(view, [i - offset for i in ids if offset <= i < offset + n_local], allow_empty=True,
                                share_frozen=True)
-        sparse.ep = ExpertShard(offset, n_local * ep_mesh.size(), ids, ep_mesh.get_group())
-        EpDispatchExpertsParallel().install_forward(sparse, ep_mesh, tp_mesh=tp_mesh, ep_implementation="all_to_all")
-        sparse.forward = _joined_backward(sparse.forward)
+        sparse.ep = ExpertShard(offset, ids, ep_mesh.get_group())
+        EpDispatchExpertsParallel().install_forward(sparse, ep_mesh, tp_mesh=tp_mesh, ep_implementation=implementation)
+        # the all-to-alls' backward is a collective, recorded by autograd only where the dispatched tokens
+        # require grad: in a layer with nothing trained below it, only the processes owning one of its
+        # selected experts would record it and the others would hang. So the tokens always require grad.
+        sparse.register_forward_pre_hook(_input_requires_grad, with_kwargs=True)
         name = _child_name(layer.block, old)
         setattr(layer.block, name, sparse)
         wrapped[f"{layer.block_path}.{name}"] = sparse
@@ -122,24 +127,6 @@ def _plain_module(experts: nn.Module) -> nn.Module:
             plain.__dict__[name] = type(plain.__dict__[name])()
     plain._is_expert_parallel = False  # the ids it gets are its own, never another process's sentinel
     return plain
-
-
-def _joined_backward(ep_forward):
-    """Make every process's all-to-alls part of its backward graph.
-
-    The all-to-alls' backward is a collective too, but autograd records it only where its input requires
-    grad. In a layer before which nothing is trained, that input requires grad only on the processes that
-    own a trained expert of the layer; the others would skip the collective and the run would hang. So
-    the tokens entering the dispatch always require grad in training (an activation gradient; no frozen
-    weight gets one).
-    """
-
-    def forward(hidden_states, top_k_index, top_k_weights):
-        if torch.is_grad_enabled() and not hidden_states.requires_grad:
-            hidden_states = hidden_states.detach().requires_grad_(True)
-        return ep_forward(hidden_states, top_k_index, top_k_weights)
-
-    return forward
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -87,7 +87,11 @@ def mark_zero3_leaf_modules(model: nn.Module, accelerator) -> list[str]:
 
 
 def _input_requires_grad(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Forward pre-hook of a ZeRO-3 leaf: its floating-point inputs require grad while training.
+    """Forward pre-hook: the module's floating-point inputs require grad while training.
+
+    Used where backward must pass through a module even with nothing trained below it: a ZeRO-3 leaf (here),
+    and ESFT's experts under expert parallelism, whose all-to-all backward is a collective every process
+    must join (:mod:`moecraft.esft.expert_parallel`).
 
     ZeRO-3 reduces a leaf module's gradients in a full backward hook, which torch runs when the gradient of
     the module's *inputs* is ready. When no input requires grad (every layer below is frozen: ESFT's first
