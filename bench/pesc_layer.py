@@ -10,8 +10,10 @@ GPU default: bf16, 8192 tokens, 8 experts, top-2, adapter r in (512, 64).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +93,7 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="CPU-sized run (shapes/4, 1024 tokens, fp32)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--tokens", type=int, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="also write the settings and rows here as JSON")
     args = ap.parse_args()
     device = "cpu" if args.small or not torch.cuda.is_available() else "cuda"
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -100,6 +103,7 @@ def main() -> None:
     print(f"device={device} dtype={dtype} tokens={tokens} experts=8 top-2 "
           f"({torch.cuda.get_device_name() if device == 'cuda' else 'cpu'})")
     print(f"{'shape':<16}{'H':>6}{'I':>7}{'r':>5}  {'(a) ms':>9}{'pesc ms':>9}{'loop ms':>9}  {'pesc/(a)':>8}{'loop/(a)':>9}")
+    rows = []
     for name, (h, i) in SHAPES.items():
         h, i = h // div, i // div
         torch.manual_seed(0)
@@ -117,6 +121,11 @@ def main() -> None:
             t_l = time_fb(loop, x, args.iters, sync)
             print(f"{name:<16}{h:>6}{i:>7}{r:>5}  {t_a * 1e3:>9.2f}{t_p * 1e3:>9.2f}{t_l * 1e3:>9.2f}  "
                   f"{t_p / t_a:>8.2f}{t_l / t_a:>9.2f}")
+            rows.append({"shape": name, "hidden": h, "intermediate": i, "rank": r, "dense_lora_ms": t_a * 1e3,
+                         "pesc_ms": t_p * 1e3, "loop_ms": t_l * 1e3})
+    if args.json:
+        args.json.write_text(json.dumps({"settings": {"device": device, "dtype": str(dtype), "tokens": tokens,
+                                                      "iters": args.iters}, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ alternating rounds, and the best round of each is reported.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -65,6 +67,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=None, help="also write the settings and figures here as JSON")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -90,6 +93,13 @@ def main() -> None:
     print(f"{'plain forward':<22}{best_plain:>9.3f}{tokens / best_plain:>12.0f}")
     print(f"{'router statistics':<22}{best_hooked:>9.3f}{tokens / best_hooked:>12.0f}")
     print(f"hook overhead: {100 * (best_hooked / best_plain - 1):+.1f}%  (goal: under 10%)")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "settings": {"device": where, "dtype": str(dtype), "layers": cfg.num_hidden_layers,
+                         "hidden": cfg.hidden_size, "experts": cfg.n_routed_experts, "top_k": cfg.num_experts_per_tok,
+                         "sequences": n_seq, "seq_len": seq_len, "batch_size": args.batch_size, "rounds": args.rounds},
+            "plain_s": best_plain, "hooked_s": best_hooked, "tokens": tokens,
+            "overhead": best_hooked / best_plain - 1}, indent=1))
 
 
 if __name__ == "__main__":

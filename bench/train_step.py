@@ -6,6 +6,8 @@ configuration (tiny shapes, float32) that checks the benchmark runs.
 
     python bench/train_step.py            # GPU
     python bench/train_step.py --small    # CPU smoke test
+    python bench/train_step.py --fsdp2    # the same step with every decoder layer and the root under FSDP2
+                                          # (torch's fully_shard, one process: the sharding machinery's cost)
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +45,8 @@ def build_config(small: bool) -> DeepseekV2Config:
 
 def run_method(method_name: str, config, args, device, dtype, expert_file: Path) -> dict:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype)
+    with torch.device(device):  # built where it runs: initialising billions of weights on the host is slow
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.config._experts_implementation = "grouped_mm"
     model.config.use_cache = False
     for layer in moe_layers(model):  # random routers (zero-initialised by the class)
@@ -51,6 +55,8 @@ def run_method(method_name: str, config, args, device, dtype, expert_file: Path)
                           lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_experts=False)
     method = get_method(method_name)
     model = method.prepare(model, cfg)
+    if args.fsdp2:
+        _fully_shard(model, device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -80,6 +86,22 @@ def run_method(method_name: str, config, args, device, dtype, expert_file: Path)
     return {"method": method_name, "step_s": sorted(times)[len(times) // 2], "peak_gib": peak, "opt_params": n_opt}
 
 
+def _fully_shard(model, device) -> None:
+    """FSDP2 units as accelerate's TRANSFORMER_BASED_WRAP makes them: one per decoder layer, then the root."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():  # a one-process group: the FSDP2 code path without a launcher
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    mesh = init_device_mesh(device.type, (1,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="tiny CPU smoke configuration")
@@ -89,6 +111,8 @@ def main() -> None:
     ap.add_argument("--experts-per-layer", type=int, default=6)
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--methods", default="esft,fft,lora")
+    ap.add_argument("--fsdp2", action="store_true", help="wrap the model with FSDP2 (one process)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the settings and rows here as JSON")
     args = ap.parse_args()
     args.seq_len = args.seq_len or (128 if args.small else 4096)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
@@ -104,12 +128,17 @@ def main() -> None:
     base = next((r for r in rows if r["method"] == "fft"), rows[0])
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, {dtype}, "
           f"seq {args.seq_len}, hidden {config.hidden_size}, {config.n_routed_experts} experts, "
-          f"{n} selected/layer, grouped_mm")
+          f"{n} selected/layer, grouped_mm{', FSDP2 (1 process)' if args.fsdp2 else ''}")
     print(f"{'method':<6} {'step s':>9} {'x FFT':>6} {'peak GiB':>9} {'x FFT':>6} {'opt params':>14}")
     for r in rows:
         mem_ratio = r["peak_gib"] / base["peak_gib"] if base["peak_gib"] == base["peak_gib"] else float("nan")
         print(f"{r['method']:<6} {r['step_s']:>9.4f} {r['step_s'] / base['step_s']:>6.2f} {r['peak_gib']:>9.2f} "
               f"{mem_ratio:>6.2f} {r['opt_params']:>14,}")
+    if args.json:
+        settings = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
+                    "seq_len": args.seq_len, "hidden": config.hidden_size, "experts": config.n_routed_experts,
+                    "selected_per_layer": n, "fsdp2": args.fsdp2, "steps": args.steps}
+        args.json.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
