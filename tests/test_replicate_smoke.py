@@ -8,6 +8,7 @@ and a second call skips everything.
 
 import hashlib
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -81,6 +82,9 @@ def test_tokenizer_round_trips_chinese_and_code(smoke_run, esft_data):
 
 def test_corpus_manifest_matches_files(smoke_run):
     manifest = json.loads((smoke_run.corpus / "manifest.json").read_text())
+    if manifest["missing"] and not os.environ.get("CI"):  # .ci/run installs them; a developer may not have
+        pytest.skip(f"prose sources {manifest['missing']} not installed: apt-get install -y dict-gcide "
+                    "wordnet-base python3.11-doc (see bench/replicate/README.md)")
     assert set(manifest["outputs"]) == {f"{d}.{s}.jsonl" for d in ("code", "prose") for s in ("train", "heldout")}
     for name, info in manifest["outputs"].items():
         data = (smoke_run.corpus / name).read_bytes()
