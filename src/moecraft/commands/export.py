@@ -38,7 +38,7 @@ def run(cfg: ExportConfig) -> int:
         raise MoecraftError("export: no --model given and the artifact names no base model")
     model, tok = load_model(base, dtype=cfg.dtype, seed=ccfg.seed)
     load_artifact(model, cfg.artifact)
-    out = export_model(model, cfg.output, cfg.format, tokenizer=tok)
+    out = export_model(model, cfg.output, cfg.format, tokenizer=tok, base=base)
     write_run_info(out / "moecraft_run_info.json", cfg)
     remote = (out / "modeling_pesc.py").is_file()
     print(f"exported to {out} ({'custom code: load with trust_remote_code=True' if remote else 'Mixtral'})")

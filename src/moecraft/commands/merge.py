@@ -11,6 +11,7 @@ from pathlib import Path
 
 from moecraft.artifacts import merge_artifact, read_manifest
 from moecraft.files import check_output_folder
+from moecraft.hf_folder import save_model_folder
 from moecraft.models import load_model
 from moecraft.runinfo import write_run_info
 
@@ -27,16 +28,15 @@ CONFIG = MergeConfig
 
 
 def merge(cfg: MergeConfig):
-    """Load base + artifact, merge, ``save_pretrained`` model and tokenizer to ``cfg.out``; returns the model."""
+    """Load base + artifact, merge, write ``cfg.out`` in the base's own layout and files
+    (:func:`moecraft.hf_folder.save_model_folder`); returns the merged model."""
     manifest = read_manifest(cfg.artifact)
     check_output_folder(cfg.out, "--out")
     base = cfg.base or manifest["base"]
     model, tokenizer = load_model(base, dtype=cfg.dtype)
     merged = merge_artifact(model, cfg.artifact)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
+    save_model_folder(merged, tokenizer, out, base)
     write_run_info(out, cfg)
     return merged
 

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moecraft.errors import MoecraftError
+from moecraft.hf_folder import write_legacy_config, write_tokenizer
 from moecraft.pesc import layer as layer_module
 from moecraft.pesc.arch import decoder_layers, dense_arch
 from moecraft.pesc.craft import pesc_layers
@@ -61,8 +62,13 @@ def _untie(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Ten
     return {k: v.contiguous().cpu().clone() for k, v in sd.items()}
 
 
-def export_model(model: nn.Module, out_dir: str | Path, fmt: Format = "auto", tokenizer=None) -> Path:
-    """Write ``model`` (crafted, trained) to ``out_dir`` in ``fmt`` (see module docstring)."""
+def export_model(model: nn.Module, out_dir: str | Path, fmt: Format = "auto", tokenizer=None,
+                 base: str | None = None) -> Path:
+    """Write ``model`` (crafted, trained) to ``out_dir`` in ``fmt`` (see module docstring).
+
+    The config carries the transformers-4 keys beside the 5.x ones, and the tokenizer files are the base's
+    own (``base``: its name or folder) where they are local (:mod:`moecraft.hf_folder`).
+    """
     layers = pesc_layers(model)
     if not layers:
         raise MoecraftError("model is not a PESC model (craft it or load an artifact first)")
@@ -77,8 +83,8 @@ def export_model(model: nn.Module, out_dir: str | Path, fmt: Format = "auto", to
         _export_custom(model, out)
     else:
         raise MoecraftError(f"unknown export format {fmt!r}; choose auto, mixtral or custom")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    write_legacy_config(out)
+    write_tokenizer(tokenizer, out, base)
     return out
 
 
@@ -135,7 +141,7 @@ def _export_mixtral(model: nn.Module, out: Path) -> None:
     missing = [k for k in missing if not (k == "lm_head.weight" and mcfg.tie_word_embeddings)]
     if missing or unexpected:
         raise MoecraftError(f"Mixtral export: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    target.save_pretrained(out)
+    target.save_pretrained(out, save_original_format=True)
 
 
 def _delta(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
