@@ -103,10 +103,14 @@ class _Sandbox:
 def sandbox_status() -> str:
     """One line on the code sandbox: e.g. ``bubblewrap 0.8.0 (mount+pid+net+ipc+uts namespaces, uid 65534,
     ...)`` or ``none: bwrap not found ...``. Never raises."""
+    return _sandbox()[1]
+
+
+def _sandbox() -> tuple[_Sandbox | None, str]:
     try:
-        return _detect(shutil.which("bwrap"), os.geteuid())[1]
+        return _detect(shutil.which("bwrap"), os.geteuid())
     except Exception as e:  # noqa: BLE001 - a status line must not fail the command that prints it
-        return f"none: sandbox check failed: {type(e).__name__}: {e}"
+        return None, f"none: sandbox check failed: {type(e).__name__}: {e}"
 
 
 def require_sandbox() -> None:
@@ -155,7 +159,7 @@ def run_python(
 
     Without a sandbox this raises ``MoecraftError``, unless ``unsafe`` (then the program runs on the host).
     """
-    box = _detect(shutil.which("bwrap"), os.geteuid())[0]
+    box = _sandbox()[0]
     if box is None and not unsafe:
         require_sandbox()
     return _run(program, box, timeout, memory_mb, max_output_chars)
@@ -166,7 +170,11 @@ def _python_paths() -> list[str]:
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
              os.path.dirname(sys.executable), os.path.dirname(os.path.realpath(sys.executable))}
     paths |= {os.path.realpath(p) for p in paths}
-    return sorted(p for p in paths if p and os.path.isdir(p) and not p.startswith(("/usr/", "/etc/")))
+    return sorted(p for p in paths if p and os.path.isdir(p) and not _under(p, ("/usr", "/etc", "/proc", "/dev")))
+
+
+def _under(path: str, tops: tuple[str, ...]) -> bool:
+    return any(path == t or path.startswith(t + "/") for t in tops)
 
 
 def _ancestors(path: str) -> list[str]:
@@ -186,7 +194,12 @@ def _bwrap_argv(box: _Sandbox, folder: str) -> list[str]:
             argv += ["--symlink", os.readlink(top), top]
         elif os.path.isdir(top):
             argv += ["--ro-bind", top, top]
-    made: set[str] = set()
+    size = str(WORK_MB * 2**20)
+    # the private, size-capped writable folders come before the Python binds: a venv under /tmp stays visible
+    argv += ["--proc", "/proc", "--dev", "/dev",
+             "--perms", "1777", "--size", size, "--tmpfs", "/tmp",
+             "--perms", "1777", "--size", size, "--tmpfs", "/dev/shm"]
+    made = {"/tmp", "/dev", "/dev/shm"}  # already mounted: keep their modes
     for p in _python_paths():  # sorted: a parent is bound before what lies under it
         # bwrap would create the missing parents (e.g. /root of /root/.pyenv/...) as 0700 root: unreadable
         # for the sandbox's uid, so make them 0755 first
@@ -196,11 +209,7 @@ def _bwrap_argv(box: _Sandbox, folder: str) -> list[str]:
         made.update(parents)
         argv += ["--ro-bind", os.path.realpath(p), p]
         made.add(p)
-    size = str(WORK_MB * 2**20)
-    argv += ["--proc", "/proc", "--dev", "/dev",
-             "--perms", "1777", "--size", size, "--tmpfs", "/tmp",
-             "--perms", "1777", "--size", size, "--tmpfs", "/dev/shm",
-             "--ro-bind", folder, "/moecraft", "--chdir", "/tmp"]
+    argv += ["--ro-bind", folder, "/moecraft", "--chdir", "/tmp"]
     if box.setpriv is not None:  # root: bwrap sets up the mounts, then setpriv becomes nobody for good
         argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--", box.setpriv,
                  "--reuid", str(SANDBOX_UID), "--regid", str(SANDBOX_UID), "--clear-groups",
