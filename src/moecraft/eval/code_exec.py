@@ -249,6 +249,11 @@ def _run(program: str, box: _Sandbox | None, timeout: float, memory_mb: int, max
             proc = subprocess.Popen(argv, cwd=work or folder, env=env, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(tok_r, res_w),
                                     start_new_session=True)
+        except BaseException:
+            os.close(res_r)
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
+            raise
         finally:
             os.close(tok_r)
             os.close(res_w)
