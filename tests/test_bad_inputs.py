@@ -556,6 +556,20 @@ def test_unknown_metric_fails_before_generation(capsys, tmp_path):
     assert files_under(out) == []
 
 
+def test_code_metric_without_a_sandbox_fails_before_generation(capsys, tmp_path, monkeypatch):
+    tasks = write_lines(tmp_path / "code.jsonl", [json.dumps({"prompt": "def f():\n", "test": "assert f() == 1"})])
+    out = tmp_path / "ev"
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no bwrap to be found
+    eval_code = ["eval", "--model", "tiny:qwen3_moe", "--tasks", tasks, "--limit", "1", "--max-new-tokens", "4"]
+    msg = fails(capsys, *eval_code, "--out", out)
+    assert msg.startswith("code_pass@1 runs model-written code and needs a sandbox, but there is none: bwrap not found")
+    assert msg.endswith("or pass --unsafe-code-exec to run it unsandboxed")
+    assert files_under(out) == []
+    # the explicit opt-out runs the tests on the host
+    assert main([str(a) for a in [*eval_code, "--unsafe-code-exec", "--out", out]]) == 0
+    assert "code_pass@1" in json.loads((out / "results.json").read_text())["tasks"][str(tasks)]["metrics"]
+
+
 def test_negative_limit(capsys):
     assert fails(capsys, *SCORE, "--limit", "-1") == "limit must be >= 0 (0 = no limit), got -1"
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from moecraft.errors import DataError
+from moecraft.eval.code_exec import sandbox_status
 from moecraft.eval.generation import cut_at_stop, generate_texts
 from moecraft.eval.perplexity import perplexity
 from moecraft.eval.runner import EvalConfig, format_table, run_eval, score_items
@@ -104,7 +105,10 @@ def test_score_items_hand_worked():
     assert summary["exact_match"] == pytest.approx(100 / 3)
     assert per[1] == {"numeric": 0.0, "exact_match": 0.0}
     code = [EvalItem("p", [], {"test_list": ["assert f() == 1"]})] * 2
-    s, _ = score_items(code, ["def f():\n    return 1", "def f():\n    while True: pass"], ["code_pass@1"], code_timeout=1)
+    # our own trusted programs: where no sandbox exists they may run on the host (the explicit opt-out)
+    unsafe = sandbox_status().startswith("none")
+    s, _ = score_items(code, ["def f():\n    return 1", "def f():\n    while True: pass"], ["code_pass@1"], code_timeout=1,
+                       unsafe_code_exec=unsafe)
     assert s["code_pass@1"] == pytest.approx(50.0)
 
 

@@ -35,6 +35,9 @@ class EvalConfig:
     chat_template: bool = field(
         default=False, metadata={"help": "wrap raw 'prompt' rows as a user turn of the chat template"})
     code_timeout: float = field(default=10.0, metadata={"help": "seconds per program for code_pass@1"})
+    unsafe_code_exec: bool = field(
+        default=False, metadata={"help": "let code_pass@1 run model-written code on the host when no sandbox "
+                                         "(bubblewrap) is available; without it moecraft refuses"})
     perplexity_data: str | None = field(
         default=None, metadata={"help": "held-out general corpus for perplexity (JSONL/datasets/hub/builtin)"})
     perplexity_limit: int | None = field(default=200, metadata={"help": "records of the perplexity corpus to use"})
@@ -63,7 +66,7 @@ def check_metrics(metrics: list[str], have_judge: bool) -> None:
 
 def score_items(
     items: list[EvalItem], predictions: list[str], metrics: list[str], code_timeout: float = 10.0,
-    judge=None, rubric: str | None = None,
+    judge=None, rubric: str | None = None, unsafe_code_exec: bool = False,
 ) -> tuple[dict[str, float], list[dict[str, float | None]]]:
     """Task-level scores (0-100) and per-example scores (0/1 or [0, 1]) for each metric."""
     check_metrics(metrics, judge is not None)
@@ -82,7 +85,7 @@ def score_items(
             from moecraft.eval.code_exec import build_program, run_python
 
             vals = [
-                float(run_python(build_program(it.record, p), timeout=code_timeout).passed)
+                float(run_python(build_program(it.record, p), timeout=code_timeout, unsafe=unsafe_code_exec).passed)
                 for it, p in tqdm(list(zip(items, predictions)), desc="run tests", unit="program")
             ]
         else:  # judge
@@ -122,6 +125,10 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, out: Path | None = None, p
             metrics.append("judge")
         check_metrics(metrics, judge is not None)
         tasks.append((source, items, metrics))
+    if not cfg.unsafe_code_exec and any("code_pass@1" in m for _, _, m in tasks):
+        from moecraft.eval.code_exec import require_sandbox
+
+        require_sandbox()  # before generating: model-written code must not run unsandboxed by default
     ppl_records = None
     if cfg.perplexity_data:
         from moecraft.data import load_records
@@ -135,7 +142,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, out: Path | None = None, p
             model, tokenizer, [it.prompt for it in items], cfg.max_new_tokens, cfg.batch_size, cfg.temperature,
             cfg.stop, cfg.seed, progress, desc=f"generate {source}",
         )
-        summary, per_ex = score_items(items, preds, metrics, cfg.code_timeout, judge, rubric)
+        summary, per_ex = score_items(items, preds, metrics, cfg.code_timeout, judge, rubric, cfg.unsafe_code_exec)
         results["tasks"][source] = {"metrics": summary, "n": len(items)}
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
