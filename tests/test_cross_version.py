@@ -215,3 +215,25 @@ def test_remote_code_and_generation_config_come_from_the_base(tmp_path):
     for name in ("config.json", "configuration_x.py", "modeling_x.py", "generation_config.json",
                  "tokenizer_config.json", "tokenizer.json"):
         assert name in copied and (tmp_path / "out" / name).read_bytes() == (base / name).read_bytes(), name
+
+
+def test_pesc_mixtral_export_loads_in_transformers4(transformers4, tmp_path):
+    """PESC's LoRA kind on a Llama base exports to a new Mixtral config: 4.57 reads it as 5.x does."""
+    from moecraft.models import byte_tokenizer
+    from moecraft.pesc import CraftConfig, craft_model, export_model
+
+    model = tiny_model("llama")
+    craft_model(model, CraftConfig(expert="lora", num_experts=4, top_k=2, adapter_dim=4, seed=0))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # as if trained: non-zero experts and routers
+        for name, p in model.named_parameters():
+            if ".experts." in name or ".router." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    export_model(model, tmp_path / "pesc", tokenizer=byte_tokenizer())
+    config = json.loads((tmp_path / "pesc" / "config.json").read_text())
+    assert config["model_type"] == "mixtral" and config["num_local_experts"] == 4 and "rope_theta" in config
+    (tmp_path / "ids.json").write_text(json.dumps(IDS.tolist()))
+    run4(transformers4, "logits", str(tmp_path / "ids.json"), str(tmp_path), str(tmp_path / "pesc"))
+    got, meta = read4(tmp_path / "pesc.safetensors")
+    torch.testing.assert_close(got["logits"], logits(model), rtol=1e-4, atol=1e-4)
+    assert meta["num_experts"] == "4" and json.loads(meta["encoded"]) == byte_tokenizer()("User: hello 世界")["input_ids"]
