@@ -2,7 +2,7 @@
 
 Runs, each in its own process with a time limit (one that fails or times out is reported, the rest go on):
   1. bench/score.py       router-statistics hooks vs a plain forward (DeepSeek-V2-Lite layer shapes)
-  2. bench/train_step.py  FFT / ESFT / LoRA training step, each twice, interleaved
+  2. bench/train_step.py  FFT / ESFT / LoRA / LoRA on the selected experts, each twice, interleaved
   3. bench/train_step.py --fsdp2   the same step under FSDP2 on one GPU (FFT and ESFT)
   4. bench/pesc_layer.py  PESC layer vs dense FFN + LoRA vs a per-expert loop
 and writes ``OUT/gpu.json`` (settings, library versions, every row) and ``OUT/gpu.md`` (the tables for
@@ -38,7 +38,7 @@ def steps(small: bool, quick: bool = False) -> list[tuple[str, list[str], int]]:
     pesc = ["--tokens", "64"] if quick else []
     return [
         ("score", ["score.py", *cpu, *score, "--rounds", "1" if small or quick else "3"], 150),
-        ("train_step", ["train_step.py", *cpu, *step, "--steps", reps, "--methods", "fft,esft,lora,fft,esft,lora"],
+        ("train_step", ["train_step.py", *cpu, *step, "--steps", reps, "--methods", "fft,esft,lora,esft-lora,fft,esft,lora,esft-lora"],
          240),
         ("train_step_fsdp2", ["train_step.py", *cpu, *step, "--fsdp2", "--steps", reps, "--methods", "fft,esft"], 150),
         ("pesc_layer", ["pesc_layer.py", *cpu, *pesc, "--iters", "1" if quick else ("2" if small else "10")], 150),

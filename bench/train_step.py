@@ -51,9 +51,11 @@ def run_method(method_name: str, config, args, device, dtype, expert_file: Path)
     model.config.use_cache = False
     for layer in moe_layers(model):  # random routers (zero-initialised by the class)
         torch.nn.init.normal_(layer.router.weight, std=config.hidden_size ** -0.5)
+    # "esft-lora": ESFT's selected experts with per-expert LoRA factors instead of their full weights
+    adapter = "lora" if method_name == "esft-lora" else "none"
     cfg = SimpleNamespace(experts=str(expert_file), train_shared_experts=None, train_non_expert_modules=None,
-                          lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_experts=False)
-    method = get_method(method_name)
+                          lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_experts=False, expert_adapter=adapter, seed=0)
+    method = get_method("esft" if adapter == "lora" else method_name)
     model = method.prepare(model, cfg)
     if args.fsdp2:
         _fully_shard(model, device)
@@ -110,7 +112,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--experts-per-layer", type=int, default=6)
     ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--methods", default="esft,fft,lora")
+    ap.add_argument("--methods", default="esft,fft,lora,esft-lora",
+                    help="comma-separated: fft, esft, lora, esft-lora (LoRA on the selected experts only)")
     ap.add_argument("--fsdp2", action="store_true", help="wrap the model with FSDP2 (one process)")
     ap.add_argument("--json", type=Path, default=None, help="also write the settings and rows here as JSON")
     args = ap.parse_args()
@@ -129,10 +132,10 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, {dtype}, "
           f"seq {args.seq_len}, hidden {config.hidden_size}, {config.n_routed_experts} experts, "
           f"{n} selected/layer, grouped_mm{', FSDP2 (1 process)' if args.fsdp2 else ''}")
-    print(f"{'method':<6} {'step s':>9} {'x FFT':>6} {'peak GiB':>9} {'x FFT':>6} {'opt params':>14}")
+    print(f"{'method':<9} {'step s':>9} {'x FFT':>6} {'peak GiB':>9} {'x FFT':>6} {'opt params':>14}")
     for r in rows:
         mem_ratio = r["peak_gib"] / base["peak_gib"] if base["peak_gib"] == base["peak_gib"] else float("nan")
-        print(f"{r['method']:<6} {r['step_s']:>9.4f} {r['step_s'] / base['step_s']:>6.2f} {r['peak_gib']:>9.2f} "
+        print(f"{r['method']:<9} {r['step_s']:>9.4f} {r['step_s'] / base['step_s']:>6.2f} {r['peak_gib']:>9.2f} "
               f"{mem_ratio:>6.2f} {r['opt_params']:>14,}")
     if args.json:
         settings = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),

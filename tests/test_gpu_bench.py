@@ -18,9 +18,9 @@ def test_gpu_bench_dry_run_writes_every_table(tmp_path):
     assert set(report["steps"]) == {"score", "train_step", "train_step_fsdp2", "pesc_layer"}
     assert all(s["rc"] == 0 for s in report["steps"].values()), {k: s.get("tail") for k, s in report["steps"].items()}
     rows = report["steps"]["train_step"]["result"]["rows"]
-    assert [r["method"] for r in rows] == ["fft", "esft", "lora"] * 2
+    assert [r["method"] for r in rows] == ["fft", "esft", "lora", "esft-lora"] * 2
     by = {r["method"]: r["opt_params"] for r in rows}
-    assert by["esft"] < by["lora"] < by["fft"] or by["lora"] < by["esft"] < by["fft"]
+    assert max(by["esft"], by["lora"]) < by["fft"] and by["esft-lora"] < by["esft"]
     fsdp = report["steps"]["train_step_fsdp2"]["result"]
     assert fsdp["settings"]["fsdp2"] is True
     # FSDP2 on one process holds the same optimiser parameters as the plain step

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from moecraft.errors import MoecraftError
+from moecraft.esft.expert_lora import effective_group
 from moecraft.families import moe_layers
 
 try:  # transformers' grouped GEMM helper (CPU fallback included); private, so optional
@@ -125,6 +126,7 @@ class SparseExperts(nn.Module):
         self.register_buffer("local_id", local, persistent=False)
         self.register_buffer("selected", sel, persistent=False)
         self.register_buffer("unselected", rest, persistent=False)
+        self.expert_lora = None  # per-expert LoRA on the selected experts (moecraft.esft.expert_lora.attach)
 
     @property
     def implementation(self) -> str:
@@ -152,6 +154,8 @@ class SparseExperts(nn.Module):
             pos = order[mask]
             if group is None or pos.numel() == 0:
                 continue
+            if group is self.trainable and self.expert_lora is not None:  # W + (alpha/r) B A, see expert_lora
+                group = effective_group(group, self.expert_lora)
             ids = self.local_id[flat[pos]]
             if impl == "grouped_mm" and _grouped_linear is not None:
                 outs.append(_grouped_experts(group, hidden[pos // k], ids))
@@ -179,10 +183,12 @@ class SparseExperts(nn.Module):
 
     @torch.no_grad()
     def fused(self) -> dict[str, torch.Tensor]:
-        """The full fused tensors [E, ...] with the (trained) selected experts written back."""
+        """The full fused tensors [E, ...] with the (trained) selected experts written back (their LoRA folded in)."""
         out = {}
         for name in self.param_names:
             t = getattr(self.trainable, name)
+            if self.expert_lora is not None and name in self.expert_lora.names:
+                t = t + self.expert_lora.delta(name).to(t.dtype)
             full = t.new_empty((self.num_experts, *t.shape[1:]))
             full[self.selected] = t.detach()
             if self.frozen is not None:

@@ -4,6 +4,8 @@ The experts of each listed layer are split by :mod:`moecraft.esft.sparse` into a
 a frozen part with no gradient. Paper §6.3 / Table 3 options: ``train_shared_experts`` also trains the
 shared experts, ``train_non_expert_modules`` also trains attention, norms, embeddings, routers and dense
 layers (both default to the expert config's values). Routed experts not selected are never trained.
+``expert_adapter="lora"`` trains per-expert LoRA factors on the selected experts instead of their weights
+(:mod:`moecraft.esft.expert_lora`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 
 from moecraft.artifacts import TENSORS, apply_tensors, read_tensors, save_tensors
 from moecraft.errors import MoecraftError
+from moecraft.esft import expert_lora
 from moecraft.esft.expert_parallel import apply_sparse_experts_ep, is_expert_parallel
 from moecraft.esft.selection import ExpertConfig
 from moecraft.esft.sparse import SparseExperts, apply_sparse_experts, sparse_modules
@@ -83,6 +86,12 @@ class ESFT:
                     mod.requires_grad_(True)
         # trainable parts require grad, frozen parts do not
         (apply_sparse_experts_ep if expert_parallel else apply_sparse_experts)(model, ec.experts)
+        if getattr(cfg, "expert_adapter", "none") == "lora":
+            if expert_parallel:
+                raise MoecraftError("--expert-adapter lora does not run under --expert-parallel yet")
+            if cfg.lora_dropout:
+                raise MoecraftError("--expert-adapter lora has no dropout: give --lora-dropout 0")
+            expert_lora.attach(sparse_modules(model), cfg.lora_r, cfg.lora_alpha, seed=getattr(cfg, "seed", 0))
         model._moecraft_expert_config_path = Path(cfg.experts)
         return model
 
@@ -97,7 +106,10 @@ class ESFT:
         sparse = sparse_modules(model)
         inside = {id(p) for m in sparse.values() for p in m.parameters()}
         tensors, rows = {}, {}
-        for path, m in sparse.items():
+        adapted = any(m.expert_lora is not None for m in sparse.values())
+        if adapted:  # the selected experts' own weights did not change: their adapters are the artifact
+            expert_lora.save(sparse, out_dir / expert_lora.ADAPTERS)
+        for path, m in ({} if adapted else sparse).items():
             for pname in m.param_names:
                 key = f"{path}.{pname}"
                 tensors[key] = getattr(m.trainable, pname)
@@ -115,6 +127,8 @@ class ESFT:
             raise MoecraftError("load ESFT artifacts onto a plain base model, not a wrapped one")
         tensors, rows = read_tensors(Path(artifact_dir) / TENSORS)
         apply_tensors(base_model, tensors, rows, str(artifact_dir))
+        if (Path(artifact_dir) / expert_lora.ADAPTERS).is_file():  # --expert-adapter lora: fold B A in
+            expert_lora.fold_into(base_model, Path(artifact_dir) / expert_lora.ADAPTERS)
         return base_model
 
     def merge(self, model: nn.Module) -> nn.Module:

@@ -27,6 +27,9 @@ class TrainConfig:
     lora_alpha: int = field(default=16, metadata=_h("LoRA alpha"))
     lora_dropout: float = field(default=0.0, metadata=_h("LoRA dropout"))
     lora_experts: bool = field(default=False, metadata=_h("LoRA: also adapt the fused routed-expert tensors"))
+    expert_adapter: Literal["none", "lora"] = field(default="none", metadata=_h(
+        "ESFT: 'lora' trains rank --lora-r LoRA factors on the selected experts only, instead of their full "
+        "weights (MoE-Sieve, arXiv 2603.24044); frozen experts get no adapter"))
     # --- PESC (read by moecraft.methods.pesc; None = the CraftConfig default, i.e. the paper's)
     pesc_expert: Literal["adapter", "lora"] | None = field(
         default=None, metadata=_h("PESC: expert kind, adapter (default) or lora (MixLoRA, exports as Mixtral)"))
