@@ -1,4 +1,4 @@
-"""Training methods behind one registry: ``esft``, ``fft``, ``lora`` (MoE models) and ``pesc`` (dense models).
+"""Training methods behind one registry: ``esft``, ``fft``, ``lora``, ``router`` (MoE models) and ``pesc`` (dense models).
 
 The training loop (:mod:`moecraft.train`) is method-agnostic: it asks the method to prepare the model
 (freeze, wrap, add adapters), to name the parameters the optimiser gets, for any extra loss term
@@ -63,7 +63,7 @@ def trainable_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-_MODULES: tuple[str, ...] = ("esft", "fft", "lora", "pesc")
+_MODULES: tuple[str, ...] = ("esft", "fft", "lora", "pesc", "router")
 
 
 def method_names() -> list[str]:

@@ -70,6 +70,8 @@ class ESFT:
         has_shared = any(layer.shared for layer in layers)
         check_expert_config(ec, model, str(cfg.experts), others_trained=non_expert or (shared and has_shared))
         expert_parallel = is_expert_parallel(model)
+        if expert_parallel and getattr(cfg, "train_router", False):
+            raise MoecraftError("--train-router does not run under --expert-parallel yet")
         if expert_parallel and (non_expert or (shared and has_shared)):
             raise MoecraftError("--expert-parallel trains routed experts only; to also train shared experts or "
                                 "non-expert modules, use FSDP2 or ZeRO-3 without --expert-parallel")
@@ -86,6 +88,10 @@ class ESFT:
                     mod.requires_grad_(True)
         # trainable parts require grad, frozen parts do not
         (apply_sparse_experts_ep if expert_parallel else apply_sparse_experts)(model, ec.experts)
+        if getattr(cfg, "train_router", False):  # CEFT: the routers of the tuned layers learn too
+            for layer in layers:
+                if ec.experts.get(layer.index):
+                    layer.router.requires_grad_(True)
         if getattr(cfg, "expert_adapter", "none") == "lora":
             if expert_parallel:
                 raise MoecraftError("--expert-adapter lora does not run under --expert-parallel yet")

@@ -15,7 +15,8 @@ class TrainConfig:
     model: str = field(metadata=_h("base model: hub id, local folder or tiny:<family>"))
     data: str = field(metadata=_h("training data: JSONL, datasets folder, hub id or builtin:<task>"))
     out: str = field(metadata=_h("output folder (artifact, configs, metrics, checkpoints)"))
-    method: Literal["esft", "fft", "lora", "pesc"] = field(default="esft", metadata=_h("training method"))
+    method: Literal["esft", "fft", "lora", "pesc", "router"] = field(default="esft", metadata=_h(
+        "training method (router: the MoE routers only, Router Lens / CEFT arXiv 2508.19594)"))
     # --- ESFT
     experts: str | None = field(default=None, metadata=_h("ESFT: expert config JSON from `moecraft select`"))
     train_shared_experts: bool | None = field(
@@ -27,6 +28,8 @@ class TrainConfig:
     lora_alpha: int = field(default=16, metadata=_h("LoRA alpha"))
     lora_dropout: float = field(default=0.0, metadata=_h("LoRA dropout"))
     lora_experts: bool = field(default=False, metadata=_h("LoRA: also adapt the fused routed-expert tensors"))
+    train_router: bool = field(default=False, metadata=_h(
+        "ESFT: also train the routers of the layers with selected experts (CEFT, arXiv 2508.19594)"))
     expert_adapter: Literal["none", "lora"] = field(default="none", metadata=_h(
         "ESFT: 'lora' trains rank --lora-r LoRA factors on the selected experts only, instead of their full "
         "weights (MoE-Sieve, arXiv 2603.24044); frozen experts get no adapter"))

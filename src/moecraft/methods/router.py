@@ -1,0 +1,49 @@
+"""Router tuning (Router Lens / CEFT, arXiv 2508.19594): only the routers of the MoE layers are trained.
+
+Tuning the routers alone on the task shows which experts the task needs: run ``moecraft score`` on the
+router-tuned model (merged) to select experts, then fine-tune those (the two-stage recipe in the README).
+Everything but the routers' own weights (and GPT-OSS's router bias) is frozen; DeepSeek-V3's
+expert-choice correction bias is a buffer and stays as it is. The artifact holds the router tensors only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from moecraft.artifacts import TENSORS, apply_tensors, read_tensors, save_tensors
+from moecraft.families import moe_layers
+from moecraft.methods import ExtraLoss, trainable_param_groups
+
+
+class RouterTuning:
+    name = "router"
+    default_lr = 1e-4  # moecraft's choice for these small tensors (not taken from the paper); --lr to change
+
+    def prepare(self, model: nn.Module, cfg: Any) -> nn.Module:
+        model.requires_grad_(False)
+        for layer in moe_layers(model):  # an unknown family is a clear error there
+            layer.router.requires_grad_(True)
+        return model
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        return trainable_param_groups(model, weight_decay)
+
+    def extra_loss(self, model: nn.Module) -> ExtraLoss:
+        return ExtraLoss(None, {})
+
+    def save(self, model: nn.Module, out_dir: Path, cfg: Any) -> None:
+        save_tensors(Path(out_dir) / TENSORS, {n: p for n, p in model.named_parameters() if p.requires_grad})
+
+    def load(self, base_model: nn.Module, artifact_dir: Path) -> nn.Module:
+        tensors, rows = read_tensors(Path(artifact_dir) / TENSORS)
+        apply_tensors(base_model, tensors, rows, str(artifact_dir))
+        return base_model
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return model
+
+
+METHOD = RouterTuning()
