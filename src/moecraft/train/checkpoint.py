@@ -37,7 +37,7 @@ import json
 import os
 import random
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -437,35 +437,47 @@ def read_checkpoint(path: Path, model: nn.Module, num_processes: int, inputs: di
     return blob
 
 
+# The only non-tensor types DeepSpeed's ZeRO checkpoints hold (torch.serialization.get_unsafe_globals_in_checkpoint
+# on ZeRO-2 and ZeRO-3 checkpoints of deepspeed 0.19): plain records, nothing that runs code when rebuilt.
+_DEEPSPEED_TYPES = ("deepspeed.runtime.fp16.loss_scaler:LossScaler", "deepspeed.runtime.zero.config:ZeroStageEnum",
+                    "deepspeed.utils.tensor_fragment:fragment_address")
+
+
 @contextmanager
 def _deepspeed_weights_only():
-    """DeepSpeed's engine loads its files with ``torch.load(weights_only=False)``; inside this block it loads
-    them with ``weights_only=True``, allowing only the DeepSpeed types its checkpoints hold."""
-    from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine as tce
+    """DeepSpeed's engine reads its files with ``torch.load(weights_only=False)``; inside this block every
+    ``torch.load`` is ``weights_only=True`` with only :data:`_DEEPSPEED_TYPES` allowed, and a file holding
+    anything else is an error, not code run."""
+    import importlib
+    import pickle
 
-    allowed = _deepspeed_safe_globals()
-    original = tce.torch.load
+    allowed = []
+    for spec in _DEEPSPEED_TYPES:
+        module, _, name = spec.partition(":")
+        with suppress(ImportError, AttributeError):  # another DeepSpeed version: the load names what is missing
+            allowed.append(getattr(importlib.import_module(module), name))
+    original = torch.load
 
-    def safe_load(*args, **kwargs):
+    def weights_only_load(*args, **kwargs):
         kwargs["weights_only"] = True
         with torch.serialization.safe_globals(allowed):
             return original(*args, **kwargs)
 
-    tce.torch.load = safe_load
+    torch.load = weights_only_load
     try:
         yield
+    except pickle.UnpicklingError as exc:
+        detail = str(exc).split("WeightsUnpickler error: ")[-1].split(".")[0]
+        raise MoecraftError(f"the DeepSpeed checkpoint holds more than tensors and known DeepSpeed records "
+                            f"({detail}); --resume does not unpickle it") from exc
     finally:
-        tce.torch.load = original
-
-
-def _deepspeed_safe_globals() -> list:
-    return []
+        torch.load = original
 
 
 def restore_optimizer(path: Path, blob: dict, accelerator, model, optimizer, scheduler) -> None:
     """Load optimiser, scheduler and this process's RNG from a checkpoint opened by :func:`open_checkpoint`."""
     if accelerator.distributed_type.name == "DEEPSPEED":
-        verify(path)  # checked again right before DeepSpeed reads its files
+        verify(path)  # checked again right before DeepSpeed reads its own files
         with _deepspeed_weights_only():
             model.load_checkpoint(str(path / "deepspeed"), tag=ENGINE_TAG, load_module_strict=False,
                                   load_optimizer_states=True, load_lr_scheduler_states=False)

@@ -261,7 +261,8 @@ class _StopSignals:
             raise TrainingInterrupted(f"stopped at once by a second {name} during step {self.step + 1}; the steps "
                                       "since the last checkpoint are lost", signum)
         self.signum = signum
-        print(f"\n{name}: stopping after step {self.step + 1} (send it again to stop at once)", file=sys.stderr)
+        if sys.stderr.isatty():  # someone at a terminal waits for the step to end; logs get only the final line
+            print(f"\n{name}: stopping after step {self.step + 1} (send it again to stop at once)", file=sys.stderr)
 
 
 def _stop_requested(stop: _StopSignals, accelerator) -> int | None:
