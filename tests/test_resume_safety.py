@@ -34,7 +34,7 @@ from moecraft.train.checkpoint import (
     write_manifest,
     write_state,
 )
-from moecraft.train.loop import _interrupted
+from moecraft.train.stopping import interrupted
 
 EXPERTS = {"1": [3, 7], "2": [0, 5, 9]}
 
@@ -339,7 +339,7 @@ def test_sigint_without_a_due_checkpoint_says_what_is_lost_and_exits_130(tmp_pat
 def test_when_a_signal_saves_a_checkpoint(step, saved_step, save_every, mode, saves, says):
     saved = []
     cfg = TrainConfig(model="m", data="d", out="o", max_steps=10, save_every=save_every, save_on_interrupt=mode)
-    exc = _interrupted(signal.SIGTERM, step, saved_step, cfg, lambda: saved.append(step) or Path("o/checkpoint"))
+    exc = interrupted(signal.SIGTERM, step, saved_step, cfg, lambda: saved.append(step) or Path("o/checkpoint"))
     assert bool(saved) == saves and says in str(exc) and exc.exit_status == 143
 
 

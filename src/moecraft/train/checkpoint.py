@@ -45,7 +45,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from moecraft.errors import MoecraftError
+from moecraft.errors import DataError, MoecraftError
 from moecraft.esft.expert_parallel import is_expert_parallel, local_rows
 from moecraft.files import sha256_file
 from moecraft.train.distributed import gathered
@@ -110,6 +110,29 @@ def find_checkpoint(out_dir: Path) -> Path | None:
         if path.is_dir():
             return path
     return None
+
+
+def resume_metrics(path: Path, step: int) -> list[str]:
+    """The lines of ``metrics.jsonl`` up to ``step``: what a resumed run keeps before it appends its own.
+
+    A last line cut short (a kill in mid-write) is dropped; a bad line before it is an error naming it.
+    """
+    if not path.is_file():
+        return []
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    kept = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:  # the tail of a write that a kill cut short
+                break
+            raise DataError(f"{path}:{i + 1}: not valid JSON; fix or delete that line, then --resume again") from None
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    return kept
 
 
 # ----------------------------------------------------------------------------- JSON + safetensors state

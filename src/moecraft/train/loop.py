@@ -12,9 +12,6 @@ import json
 import math
 import os
 import random
-import signal
-import sys
-import threading
 import time
 import warnings
 from contextlib import nullcontext
@@ -27,7 +24,7 @@ from tqdm.auto import tqdm
 from moecraft.artifacts import base_fingerprint, model_bytes, write_manifest
 from moecraft.config import dump_yaml
 from moecraft.data import BUILTIN_PREFIX, load_records, mix_sequences, sample_sequences
-from moecraft.errors import DataError, MoecraftError, TrainingInterrupted
+from moecraft.errors import MoecraftError
 from moecraft.esft.expert_parallel import clip_grad_norm_ep, expert_parallel_config
 from moecraft.files import check_output_folder
 from moecraft.methods import get_method
@@ -37,15 +34,23 @@ from moecraft.train.checkpoint import (
     check_inputs,
     find_checkpoint,
     load_trainable,
-    non_finite_trainable,
     open_checkpoint,
     restore_optimizer,
+    resume_metrics,
     run_inputs,
     save_checkpoint,
 )
 from moecraft.train.config import TrainConfig
 from moecraft.train.distributed import check_engine, gathered, make_accelerator, mark_zero3_leaf_modules
 from moecraft.train.optim import LOW_PRECISION, AdamWMaster
+from moecraft.train.stopping import (
+    StopSignals,
+    check_finite_eval,
+    check_finite_weights,
+    interrupted,
+    last_good,
+    stop_requested,
+)
 
 Seq = tuple[list[int], list[int]]
 
@@ -184,110 +189,9 @@ def _oom_advice(cfg: TrainConfig, step: int) -> MoecraftError:
                          + ("Resume from the last checkpoint with --resume." if cfg.save_every else ""))
 
 
-def _kept(out: Path) -> str:
-    ckpt = find_checkpoint(out)
-    return f"the last good checkpoint is kept in {ckpt}" if ckpt else "no checkpoint was written (--save-every)"
-
-
 def _not_finite(what: str, value: float, step: int, out: Path) -> MoecraftError:
-    return MoecraftError(f"{what} is {value} at step {step + 1}; stopped before the update, {_kept(out)}. "
+    return MoecraftError(f"{what} is {value} at step {step + 1}; stopped before the update, {last_good(out)}. "
                          "Lower --lr, keep --max-grad-norm on, or check the data of this step.")
-
-
-def _check_finite_weights(model, accelerator, step: int, out: Path, before: str) -> None:
-    """Stop (every process) when a trainable tensor holds NaN or inf, before ``before`` is written."""
-    bad = non_finite_trainable(accelerator.unwrap_model(model))
-    count = len(bad)
-    if accelerator.num_processes > 1:
-        count = int(accelerator.reduce(torch.tensor(count, device=accelerator.device), reduction="sum"))
-    if count:
-        names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "") if bad else "on another process"
-        raise MoecraftError(f"trained weights are not finite (NaN or inf) after step {step}: {names}; stopped "
-                            f"before writing {before}, {_kept(out)}. Lower --lr or keep --max-grad-norm on.")
-
-
-def _check_finite_eval(value: float, step: int, out: Path, before: str) -> None:
-    if not math.isfinite(value):
-        raise MoecraftError(f"the eval loss is {value} after step {step}; stopped before writing {before}, "
-                            f"{_kept(out)}. Lower --lr, keep --max-grad-norm on, or check the eval data.")
-
-
-def resume_metrics(path: Path, step: int) -> list[str]:
-    """The lines of ``metrics.jsonl`` up to ``step``: what a resumed run keeps before it appends its own.
-
-    A last line cut short (a kill in mid-write) is dropped; a bad line before it is an error naming it.
-    """
-    if not path.is_file():
-        return []
-    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
-    kept = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            if i == len(lines) - 1:  # the tail of a write that a kill cut short
-                break
-            raise DataError(f"{path}:{i + 1}: not valid JSON; fix or delete that line, then --resume again") from None
-        if isinstance(record, dict) and record.get("step", 0) <= step:
-            kept.append(line)
-    return kept
-
-
-class _StopSignals:
-    """SIGINT/SIGTERM set a flag that the step loop reads after the current step, so the run can stop at a
-    step boundary (and save); a second signal stops at once. Installed only in the main thread (signal's rule)."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.step = 0
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-    def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.signum is not None:
-            raise TrainingInterrupted(f"stopped at once by a second {name} during step {self.step + 1}; the steps "
-                                      "since the last checkpoint are lost", signum)
-        self.signum = signum
-        if sys.stderr.isatty():  # someone at a terminal waits for the step to end; logs get only the final line
-            print(f"\n{name}: stopping after step {self.step + 1} (send it again to stop at once)", file=sys.stderr)
-
-
-def _stop_requested(stop: _StopSignals, accelerator) -> int | None:
-    """The signal that asks every process to stop now, or None; processes agree (one may get it first)."""
-    if accelerator.num_processes == 1:
-        return stop.signum
-    got = accelerator.reduce(torch.tensor(stop.signum or 0, device=accelerator.device), reduction="sum")
-    return (stop.signum or int(signal.SIGTERM)) if int(got) else None
-
-
-def _interrupted(signum: int, step: int, saved_step: int | None, cfg: TrainConfig, save) -> TrainingInterrupted:
-    """Save a checkpoint if asked or due soon, then the one-line error that says what was kept and lost."""
-    name = signal.Signals(signum).name
-    since = step - (saved_step or 0)
-    due_soon = cfg.save_every and since * 2 >= cfg.save_every  # at least half an interval would be lost
-    if since and (cfg.save_on_interrupt == "always" or (cfg.save_on_interrupt == "auto" and due_soon)):
-        path = save()
-        kept = f"saved a checkpoint at step {step} in {path}: continue with --resume"
-    elif saved_step is not None:
-        lost = f"{since} step(s) since it are lost" if since else "nothing is lost"
-        kept = f"the last checkpoint is at step {saved_step} ({lost}): continue with --resume"
-    else:
-        kept = (f"no checkpoint: the {step} step(s) done are lost (--save-every N saves one every N steps, "
-                "--save-on-interrupt always saves one on a signal)")
-    return TrainingInterrupted(f"interrupted by {name} after step {step} of {cfg.max_steps}; {kept}", signum)
 
 
 def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
@@ -297,7 +201,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
     trains on its own micro-batches of the same seeded sequence order. ``stop_after`` stops after that many
     optimiser steps without saving the artifact (a stand-in for a killed run).
     """
-    with _StopSignals() as stop:  # SIGINT/SIGTERM stop at a step boundary while training
+    with StopSignals() as stop:  # SIGINT/SIGTERM stop at a step boundary while training
         if not cfg.deterministic:
             return _train(cfg, stop_after, stop)
         # multi-threaded CPU kernels (and CUDA atomics) may sum in any order; this pins them, for this run only
@@ -310,7 +214,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
             torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
-def _train(cfg: TrainConfig, stop_after: int | None, stop: _StopSignals) -> dict:
+def _train(cfg: TrainConfig, stop_after: int | None, stop: StopSignals) -> dict:
     _check(cfg)
     method = get_method(cfg.method)
     accelerator = make_accelerator()
@@ -403,7 +307,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, stop: _StopSignals) -> dict
     saved_step = step if blob is not None else None
 
     def checkpoint() -> Path:  # reads the current step
-        _check_finite_weights(model, accelerator, step, out, "the checkpoint")
+        check_finite_weights(model, accelerator, step, out, "the checkpoint")
         return save_checkpoint(out, accelerator, model, optimizer, scheduler,
                                {"step": step, "settings": _run_settings(cfg), "inputs": inputs})
 
@@ -461,21 +365,21 @@ def _train(cfg: TrainConfig, stop_after: int | None, stop: _StopSignals) -> dict
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{cur_lr:.2e}", tok_s=f"{last['tokens_per_s'] or 0:.0f}")
         bar.update(1)
         if "eval_loss" in last:
-            _check_finite_eval(last["eval_loss"], step, out, "this step's checkpoint")
+            check_finite_eval(last["eval_loss"], step, out, "a checkpoint or the artifact")
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             checkpoint()
             saved_step = step
-        if (signum := _stop_requested(stop, accelerator)) is not None:
+        if (signum := stop_requested(stop, accelerator)) is not None:
             bar.close()
-            raise _interrupted(signum, step, saved_step, cfg, checkpoint)
+            raise interrupted(signum, step, saved_step, cfg, checkpoint)
         if stop_after is not None and step >= stop_after and step < cfg.max_steps:
             bar.close()
             return {"out": str(out), "steps": step, "stopped": True}
     bar.close()
 
-    _check_finite_weights(model, accelerator, step, out, "the artifact")
+    check_finite_weights(model, accelerator, step, out, "the artifact")
     final_eval = eval_loss(model, eval_seqs, pad_id, device)
-    _check_finite_eval(final_eval, step, out, "the artifact")
+    check_finite_eval(final_eval, step, out, "the artifact")
     unwrapped = accelerator.unwrap_model(model)
     manifest = None
     with gathered(unwrapped, deepspeed=deepspeed):
