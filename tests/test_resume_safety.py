@@ -375,3 +375,37 @@ def test_deepspeed_files_are_read_weights_only(tmp_path):
                                             r"unpickle it"), _deepspeed_weights_only():
         torch.load(tmp_path / "evil.pt", weights_only=False)
     assert not marker.exists() and torch.load is load
+
+
+def test_a_repeated_signal_within_a_second_is_the_same_request_and_a_later_one_stops_at_once(monkeypatch):
+    from moecraft.errors import TrainingInterrupted
+    from moecraft.train import stopping
+
+    now = [100.0]
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: now[0])
+    with stopping.StopSignals() as stop:
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        stop.step = 4
+        stop._handle(signal.SIGINT, None)
+        now[0] += 0.5
+        stop._handle(signal.SIGTERM, None)  # torchrun forwarding the same Ctrl-C
+        assert stop.signum == signal.SIGINT
+        now[0] += 1.0
+        with pytest.raises(TrainingInterrupted, match="stopped at once by a second SIGTERM during step 5") as info:
+            stop._handle(signal.SIGTERM, None)
+        assert info.value.exit_status == 143
+    assert signal.getsignal(signal.SIGTERM) is not stop._handle  # restored on leaving
+
+
+def test_resume_with_the_base_in_another_dtype_names_the_dtype(tmp_path):
+    from moecraft.models import tiny_model
+    from moecraft.train.checkpoint import base_identity, check_inputs
+
+    model = tiny_model("deepseek_v2")
+    fingerprint = {"config_hash": "c", "weights_hash": "w"}
+    saved = {"expert_config": None, "data": {}, "base": base_identity(model, fingerprint)}
+    now = {**saved, "base": base_identity(model.to(torch.bfloat16), fingerprint)}
+    with pytest.raises(MoecraftError, match=r"the base model's dtype changed since the checkpoint ck \(float32 -> "
+                                            r"bfloat16\)"):
+        check_inputs(saved, now, Path("ck"))
+    check_inputs(saved, saved, Path("ck"))  # unchanged: accepted

@@ -272,8 +272,9 @@ def base_identity(model: nn.Module, fingerprint: dict) -> dict:
         flat = p.detach().reshape(-1)
         idx = torch.linspace(0, flat.numel() - 1, min(64, flat.numel()), device=flat.device).long()
         digest.update(flat[idx].to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-    return {"config_hash": fingerprint.get("config_hash"), "weights_hash": fingerprint.get("weights_hash"),
-            "sampled_hash": digest.hexdigest()}
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    return {"config_hash": fingerprint.get("config_hash"), "dtype": ", ".join(dtypes),
+            "weights_hash": fingerprint.get("weights_hash"), "sampled_hash": digest.hexdigest()}
 
 
 def run_inputs(cfg, model: nn.Module, fingerprint: dict) -> dict:
@@ -312,10 +313,11 @@ def check_inputs(saved: dict | None, now: dict, path: Path) -> None:
                                 f"{path} ({old_s} -> {new_s}){tail}")
     old_b, new_b = saved.get("base", {}), now["base"]
     if old_b != new_b:
-        key = next(k for k in ("config_hash", "weights_hash", "sampled_hash") if old_b.get(k) != new_b.get(k))
-        what = {"config_hash": "config", "weights_hash": "weights", "sampled_hash": "weights"}[key]
-        raise MoecraftError(f"--resume: the base model's {what} changed since the checkpoint {path} "
-                            f"({key.replace('_', ' ')} {_short(old_b.get(key))} -> {_short(new_b.get(key))}){tail}")
+        key = next(k for k in ("config_hash", "dtype", "weights_hash", "sampled_hash") if old_b.get(k) != new_b.get(k))
+        what = {"config_hash": "config", "dtype": "dtype", "weights_hash": "weights", "sampled_hash": "weights"}[key]
+        detail = f"{old_b.get(key)} -> {new_b.get(key)}" if key == "dtype" else \
+            f"{key.replace('_', ' ')} {_short(old_b.get(key))} -> {_short(new_b.get(key))}"
+        raise MoecraftError(f"--resume: the base model's {what} changed since the checkpoint {path} ({detail}){tail}")
 
 
 # ----------------------------------------------------------------------------- model and optimiser state

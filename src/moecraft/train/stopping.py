@@ -14,6 +14,7 @@ import math
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,6 +48,9 @@ def check_finite_eval(value: float, step: int, out: Path, before: str) -> None:
                             f"{last_good(out)}. Lower --lr, keep --max-grad-norm on, or check the eval data.")
 
 
+REPEAT_WINDOW_S = 1.0
+
+
 class StopSignals:
     """While inside, SIGINT/SIGTERM set :attr:`signum` for the loop to read after the current step; a second
     signal stops at once. Installed only in the main thread (Python's rule for signal handlers)."""
@@ -54,6 +58,7 @@ class StopSignals:
     def __init__(self):
         self.signum: int | None = None
         self.step = 0  # the loop's step count, for the messages
+        self._first = 0.0  # when the first signal came (time.monotonic)
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
@@ -69,10 +74,15 @@ class StopSignals:
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
-        if self.signum is not None:  # checkpoint writes are atomic, so stopping anywhere is safe
+        if self.signum is not None:
+            # launchers forward a Ctrl-C their process group got too (torchrun: SIGINT or SIGTERM), so a
+            # repeat within a second is the same request; a later one stops at once, safely: checkpoint
+            # writes are atomic
+            if time.monotonic() - self._first < REPEAT_WINDOW_S:
+                return
             raise TrainingInterrupted(f"stopped at once by a second {name} during step {self.step + 1}; the steps "
                                       "since the last checkpoint are lost", signum)
-        self.signum = signum
+        self.signum, self._first = signum, time.monotonic()
         if sys.stderr.isatty():  # someone at a terminal waits for the step to end; logs get only the final line
             print(f"\n{name}: stopping after step {self.step + 1} (send it again to stop at once)", file=sys.stderr)
 
