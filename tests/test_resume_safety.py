@@ -293,7 +293,7 @@ def _signal_run(argv: list[str], out: Path, sig: int, after_steps: int) -> tuple
 def _options(tmp_path: Path, **extra) -> dict:
     return dict(model="tiny:deepseek_v2", data="builtin:intent", method="esft",
                 experts=_write_experts(tmp_path / "experts.json", EXPERTS), seq_len=128, batch_size=1,
-                max_steps=60, eval_sequences=2, lr=1e-3, deterministic=True, progress=False, **extra)
+                max_steps=40, eval_sequences=2, lr=1e-3, deterministic=True, progress=False, **extra)
 
 
 def test_sigterm_saves_a_checkpoint_exits_143_with_one_line_and_resumes_exactly(tmp_path):
