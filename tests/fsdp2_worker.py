@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from moecraft.methods import get_method
 from moecraft.models import tiny_model
-from moecraft.train.checkpoint import load_optimizer_state, optimizer_state, trainable_tensors
+from moecraft.train.checkpoint import load_optimizer_state, optimizer_state, trainable_tensors, write_state
 from moecraft.train.distributed import gathered
 from moecraft.train.optim import AdamWMaster
 
@@ -76,7 +76,7 @@ def run(out: Path, experts: str, rank: int = 0, world: int = 1, bf16: bool = Fal
             esft.save(model, out / "artifact", cfg)
     if rank == 0:
         save_file(tensors, str(out / "trainable.safetensors"))
-        torch.save(state, out / "optimizer.pt")
+        write_state(out, "optimizer", state)
         plain = [n for n, p in model.named_parameters() if p.requires_grad and not hasattr(p, "full_tensor")]
         (out / "report.json").write_text(json.dumps({
             "world": world, "frozen_with_grad": frozen_with_grad, "round_trip": round_trip,

@@ -18,6 +18,7 @@ from moecraft.artifacts import load_artifact
 from moecraft.errors import MoecraftError
 from moecraft.models import tiny_model
 from moecraft.train import TrainConfig, train
+from moecraft.train.checkpoint import read_state
 
 EXPERTS = {"1": [3, 7], "2": [0, 5, 9]}
 # the all-reduce sums in another order than one process does; Adam's m/sqrt(v) scales that rounding up on
@@ -54,7 +55,7 @@ def test_two_processes_train_like_one_with_twice_the_accumulation(tmp_path):
     # the step-2 checkpoints: whole tensors and optimiser state by name, loadable on one device
     ck1, ck2 = tmp_path / "one" / "checkpoint", two / "checkpoint"
     _assert_same_tensors(load_file(ck2 / "trainable.safetensors"), load_file(ck1 / "trainable.safetensors"))
-    opt1, opt2 = (torch.load(p / "optimizer.pt", weights_only=False)["state"] for p in (ck1, ck2))
+    opt1, opt2 = (read_state(p, "optimizer")["state"] for p in (ck1, ck2))
     assert sorted(opt2) == sorted(opt1) and all(".trainable." in name for name in opt2)
     for name in opt1:
         _assert_same_tensors(opt2[name], opt1[name])
@@ -97,7 +98,7 @@ def test_fsdp2_shards_train_like_one_process_and_save_whole_tensors(tmp_path):
     assert all(".trainable." in name for name in two["optimizer_state_tensors"])  # frozen experts hold no state
     for name in ("trainable.safetensors", "artifact/trained.safetensors"):
         _assert_same_tensors(load_file(tmp_path / "two" / name), load_file(tmp_path / "one" / name))
-    opt1, opt2 = (torch.load(tmp_path / d / "optimizer.pt", weights_only=False)["state"] for d in ("one", "two"))
+    opt1, opt2 = (read_state(tmp_path / d, "optimizer")["state"] for d in ("one", "two"))
     for name in opt1:
         _assert_same_tensors(opt2[name], opt1[name])
 
@@ -110,7 +111,7 @@ def test_fsdp2_bf16_shards_keep_fp32_masters_through_a_state_round_trip(tmp_path
     _fsdp2_worker().run(tmp_path / "one", experts, bf16=True)
     two = json.loads((tmp_path / "two" / "report.json").read_text())
     assert two["round_trip"] and two["unsharded_trainable"] == [] and two["frozen_with_grad"] == []
-    opt1, opt2 = (torch.load(tmp_path / d / "optimizer.pt", weights_only=False)["state"] for d in ("one", "two"))
+    opt1, opt2 = (read_state(tmp_path / d, "optimizer")["state"] for d in ("one", "two"))
     assert sorted(opt1) == sorted(opt2) and opt1
     for name in opt1:
         master1, master2 = opt1[name]["master"], opt2[name]["master"]

@@ -19,6 +19,7 @@ from moecraft.artifacts import load_artifact
 from moecraft.errors import MoecraftError
 from moecraft.models import byte_tokenizer, tiny_model
 from moecraft.train import TrainConfig, train
+from moecraft.train.checkpoint import read_state
 
 transformers_distributed = pytest.importorskip("transformers.distributed")
 if "ep_size" not in transformers_distributed.DistributedConfig.__dataclass_fields__:
@@ -69,7 +70,7 @@ def test_expert_parallel_esft_trains_like_one_process_and_resumes(tmp_path, base
     # the step-2 checkpoint holds every trained expert whole, by name, like one process's
     ck1, ck2 = tmp_path / "one" / "checkpoint", two / "checkpoint"
     _assert_same(load_file(ck2 / "trainable.safetensors"), load_file(ck1 / "trainable.safetensors"))
-    states = [torch.load(ck2 / f"optimizer-{r}.pt", weights_only=False)["state"] for r in (0, 1)]
+    states = [read_state(ck2, f"optimizer-{r}")["state"] for r in (0, 1)]
     held = sum(s["exp_avg"].numel() for state in states for s in state.values())
     assert held == one["optimizer_parameters"]  # each process keeps Adam state for its own experts only
     eval_two = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()][-1]["eval_loss"]

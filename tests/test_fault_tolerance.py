@@ -116,9 +116,9 @@ def test_damaged_checkpoint_is_reported_and_kept(checkpointed, damage):
         (ckpt / "trainable.safetensors").write_bytes(bytes(data))
         match = "trainable.safetensors does not match its sha256"
     elif damage == "truncate":
-        data = (ckpt / "optimizer.pt").read_bytes()
-        (ckpt / "optimizer.pt").write_bytes(data[: len(data) // 2])
-        match = "optimizer.pt does not match its sha256"
+        data = (ckpt / "optimizer.safetensors").read_bytes()
+        (ckpt / "optimizer.safetensors").write_bytes(data[: len(data) // 2])
+        match = "optimizer.safetensors does not match its sha256"
     elif damage == "no_manifest":
         (ckpt / "manifest.json").unlink()
         match = "partial checkpoint"

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(cfg) or 0)
     except (MoecraftError, ConfigError) as exc:
         print(f"moecraft {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_status", 2)  # 130/143 for a training stopped by SIGINT/SIGTERM
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,3 +11,11 @@ class UnsupportedModelError(MoecraftError):
 
 class DataError(MoecraftError):
     """A data file or data set is missing, empty or malformed."""
+
+
+class TrainingInterrupted(MoecraftError):
+    """Training stopped on SIGINT/SIGTERM; the CLI exits with ``exit_status`` (128 + the signal number)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_status = 128 + signum

@@ -84,4 +84,7 @@ class TrainConfig:
     save_every: int = field(default=0, metadata=_h("checkpoint every N steps (0 = no checkpoints)"))
     log_every: int = field(default=1, metadata=_h("write metrics every N steps"))
     resume: bool = field(default=False, metadata=_h("continue from the checkpoint in --out"))
+    save_on_interrupt: Literal["auto", "always", "never"] = field(
+        default="auto", metadata=_h("on SIGINT/SIGTERM, after the current step: save a checkpoint (always), only when "
+                                    "half a --save-every interval would be lost (auto), or not (never)"))
     progress: bool = field(default=True, metadata=_h("show a progress bar"))

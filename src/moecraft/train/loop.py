@@ -30,10 +30,27 @@ from moecraft.files import check_output_folder
 from moecraft.methods import get_method
 from moecraft.models import check_sequence_length, load_model
 from moecraft.runinfo import seed_everything, write_run_info
-from moecraft.train.checkpoint import find_checkpoint, read_checkpoint, restore_optimizer, save_checkpoint
+from moecraft.train.checkpoint import (
+    check_inputs,
+    find_checkpoint,
+    load_trainable,
+    open_checkpoint,
+    restore_optimizer,
+    resume_metrics,
+    run_inputs,
+    save_checkpoint,
+)
 from moecraft.train.config import TrainConfig
 from moecraft.train.distributed import check_engine, gathered, make_accelerator, mark_zero3_leaf_modules
 from moecraft.train.optim import LOW_PRECISION, AdamWMaster
+from moecraft.train.stopping import (
+    StopSignals,
+    check_finite_eval,
+    check_finite_weights,
+    interrupted,
+    last_good,
+    stop_requested,
+)
 
 Seq = tuple[list[int], list[int]]
 
@@ -133,11 +150,15 @@ def _check(cfg: TrainConfig) -> None:
 
 
 # settings that may change between a killed run and its --resume; any other change would alter the run
-_RESUMABLE_CHANGES = {"out", "resume", "progress", "log_every", "eval_every", "save_every", "deterministic"}
+_RESUMABLE_CHANGES = {"out", "resume", "progress", "log_every", "eval_every", "save_every", "deterministic",
+                      "save_on_interrupt"}
+# paths whose *contents* the checkpoint records (checkpoint.run_inputs): a moved file is the same input, an
+# edited one is not
+_CONTENT_CHECKED = {"data", "eval_data", "mix_data", "experts"}
 
 
 def _run_settings(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in asdict(cfg).items() if k not in _RESUMABLE_CHANGES}
+    return {k: v for k, v in asdict(cfg).items() if k not in _RESUMABLE_CHANGES | _CONTENT_CHECKED}
 
 
 def _check_same_run(saved: dict, cfg: TrainConfig, ckpt: Path) -> None:
@@ -169,9 +190,7 @@ def _oom_advice(cfg: TrainConfig, step: int) -> MoecraftError:
 
 
 def _not_finite(what: str, value: float, step: int, out: Path) -> MoecraftError:
-    ckpt = find_checkpoint(out)
-    kept = f"the last good checkpoint is kept in {ckpt}" if ckpt else "no checkpoint was written (--save-every)"
-    return MoecraftError(f"{what} is {value} at step {step + 1}; stopped before the update, {kept}. "
+    return MoecraftError(f"{what} is {value} at step {step + 1}; stopped before the update, {last_good(out)}. "
                          "Lower --lr, keep --max-grad-norm on, or check the data of this step.")
 
 
@@ -182,19 +201,20 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
     trains on its own micro-batches of the same seeded sequence order. ``stop_after`` stops after that many
     optimiser steps without saving the artifact (a stand-in for a killed run).
     """
-    if not cfg.deterministic:
-        return _train(cfg, stop_after)
-    # multi-threaded CPU kernels (and CUDA atomics) may sum in any order; this pins them, for this run only
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        return _train(cfg, stop_after)
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    with StopSignals() as stop:  # SIGINT/SIGTERM stop at a step boundary while training
+        if not cfg.deterministic:
+            return _train(cfg, stop_after, stop)
+        # multi-threaded CPU kernels (and CUDA atomics) may sum in any order; this pins them, for this run only
+        before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            return _train(cfg, stop_after, stop)
+        finally:
+            torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
-def _train(cfg: TrainConfig, stop_after: int | None) -> dict:
+def _train(cfg: TrainConfig, stop_after: int | None, stop: StopSignals) -> dict:
     _check(cfg)
     method = get_method(cfg.method)
     accelerator = make_accelerator()
@@ -221,6 +241,10 @@ def _train(cfg: TrainConfig, stop_after: int | None) -> dict:
     check_sequence_length(model, cfg.seq_len)
     fingerprint = base_fingerprint(model)
     fingerprint["base_bytes"] = model_bytes(model)
+    ckpt = find_checkpoint(out) if cfg.resume else None
+    # what the run trains on, by content (before the method changes the model): checkpoints record it
+    saves = ckpt is not None or cfg.save_every > 0 or cfg.save_on_interrupt == "always"
+    inputs = run_inputs(cfg, model, fingerprint) if saves else None
     model = method.prepare(model, cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -228,11 +252,12 @@ def _train(cfg: TrainConfig, stop_after: int | None) -> dict:
     model.train()
     mark_zero3_leaf_modules(model, accelerator)
 
-    ckpt = find_checkpoint(out) if cfg.resume else None
     blob, step = None, 0
-    if ckpt is not None:  # restore the trainable tensors before the engine shards them
-        blob = read_checkpoint(ckpt, model, world)
+    if ckpt is not None:  # check, then restore the trainable tensors before the engine shards them
+        blob = open_checkpoint(ckpt, world)
         _check_same_run(blob["state"]["settings"], cfg, ckpt)
+        check_inputs(blob["state"].get("inputs"), inputs, ckpt)
+        load_trainable(ckpt, model)
         step = blob["state"]["step"]
         if main:
             print(f"resuming from {ckpt} at step {step}")
@@ -271,8 +296,7 @@ def _train(cfg: TrainConfig, stop_after: int | None) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     metrics_path = out / "metrics.jsonl"
     if main:
-        kept = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln).get("step", 0) <= step] \
-            if blob is not None and metrics_path.is_file() else []
+        kept = resume_metrics(metrics_path, step) if blob is not None else []
         metrics_path.write_text("".join(ln + "\n" for ln in kept))
         (out / "train_config.yaml").write_text(dump_yaml(cfg))
         write_run_info(out, cfg)
@@ -280,8 +304,16 @@ def _train(cfg: TrainConfig, stop_after: int | None) -> dict:
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.method}", disable=not (cfg.progress and main),
                dynamic_ncols=True)
     last = {}
+    saved_step = step if blob is not None else None
+
+    def checkpoint() -> Path:  # reads the current step
+        check_finite_weights(model, accelerator, step, out, "the checkpoint")
+        return save_checkpoint(out, accelerator, model, optimizer, scheduler,
+                               {"step": step, "settings": _run_settings(cfg), "inputs": inputs})
+
     t0, tokens = time.perf_counter(), 0
     while step < cfg.max_steps:
+        stop.step = step
         optimizer.zero_grad(set_to_none=True)
         loss_sum, extra_logs = torch.zeros((), device=device), {}
         try:
@@ -332,15 +364,22 @@ def _train(cfg: TrainConfig, stop_after: int | None) -> dict:
                 fh.write(json.dumps(last) + "\n")
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{cur_lr:.2e}", tok_s=f"{last['tokens_per_s'] or 0:.0f}")
         bar.update(1)
+        if "eval_loss" in last:
+            check_finite_eval(last["eval_loss"], step, out, "a checkpoint or the artifact")
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            save_checkpoint(out, accelerator, model, optimizer, scheduler,
-                            {"step": step, "settings": _run_settings(cfg)})
+            checkpoint()
+            saved_step = step
+        if (signum := stop_requested(stop, accelerator)) is not None:
+            bar.close()
+            raise interrupted(signum, step, saved_step, cfg, checkpoint)
         if stop_after is not None and step >= stop_after and step < cfg.max_steps:
             bar.close()
             return {"out": str(out), "steps": step, "stopped": True}
     bar.close()
 
+    check_finite_weights(model, accelerator, step, out, "the artifact")
     final_eval = eval_loss(model, eval_seqs, pad_id, device)
+    check_finite_eval(final_eval, step, out, "the artifact")
     unwrapped = accelerator.unwrap_model(model)
     manifest = None
     with gathered(unwrapped, deepspeed=deepspeed):
