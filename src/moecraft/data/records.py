@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,7 +218,7 @@ def _read_file(path: Path) -> Iterator[tuple[str, dict]]:
     elif path.suffix in (".parquet", ".arrow"):
         raise DataError(f"{path}: not a {path.suffix[1:]} file (no {path.suffix[1:]} header)")
     else:
-        for lineno, rec in read_jsonl_rows(path):
+        for lineno, rec in iter_json_rows(path):
             yield f"{path}:{lineno}", rec
 
 
@@ -245,6 +246,8 @@ def parse_json(text: str | bytes, where: str) -> Any:
 
 
 def _first_line(exc: BaseException) -> str:
+    if "integer string conversion" in str(exc):
+        return f"a number with more than {sys.get_int_max_str_digits()} digits"
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:200]
 
@@ -273,48 +276,58 @@ def check_values(value: Any, where: str) -> None:
 def read_jsonl_rows(path: Path) -> list[tuple[int, dict]]:
     """``(line number, object)`` of every record of a JSON file: one object a line (JSONL), a JSON array
     of objects, or a single object. Bad JSON or a non-object names the file and line."""
+    return list(iter_json_rows(path))
+
+
+def iter_json_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """:func:`read_jsonl_rows`, lazily: JSONL is read line by line, so a limit stops the reading."""
     path = Path(path)
-    raw = path.read_bytes()
-    text = _decode(raw, path)
-    stripped = text.lstrip()
-    if stripped.startswith("[") and _is_array_file(text):
-        rows = _json_array_rows(text, path)
-        if not rows:
-            raise DataError(f"{path}: empty JSON array (no records)")
-        return rows
-    rows = []
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            rec = parse_json(line, where)
-        except DataError:
-            if lineno == _first_line_no(text) and stripped.startswith("{"):
-                whole = _single_object(text, path)  # one object spread over several lines
-                if whole is not None:
-                    return [(lineno, whole)]
-            raise
-        if not isinstance(rec, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        rows.append((lineno, rec))
-    if not rows:
+    with path.open("rb") as fh:
+        head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        if head.startswith(b"["):
+            text = _decode(path.read_bytes(), path)
+            if _is_array_file(text):
+                rows = _json_array_rows(text, path)
+                if not rows:
+                    raise DataError(f"{path}: empty JSON array (no records)")
+                yield from rows
+                return
+        fh.seek(0)
+        first, any_rows = True, False
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is fine
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = parse_json(line, where)
+            except DataError:
+                if first and line.lstrip().startswith("{"):
+                    whole = _single_object(path, lineno)  # one object spread over several lines
+                    if whole is not None:
+                        yield lineno, whole
+                        return
+                raise
+            first = False
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            any_rows = True
+            yield lineno, rec
+    if not any_rows:
         raise DataError(f"{path}: empty file (no JSON lines)")
-    return rows
 
 
-def _first_line_no(text: str) -> int:
-    return text[: len(text) - len(text.lstrip())].count("\n") + 1
-
-
-def _single_object(text: str, path: Path) -> dict | None:
+def _single_object(path: Path, lineno: int) -> dict | None:
     try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):
+        value = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     if not isinstance(value, dict):
         return None
-    check_values(value, f"{path}:{_first_line_no(text)}")
+    check_values(value, f"{path}:{lineno}")
     return value
 
 
@@ -501,8 +514,10 @@ def detect_format(raw: dict, where: str, options: DataOptions | None = None) -> 
         # text is the catch-all shape: a text field next to another format's key is a mix, not text
         others = [has[k] for k in ("messages", "instruction", "prompt") if has[k]]
         if others and not found:
+            named = {has["messages"]: "openai|sharegpt", has["instruction"]: "alpaca", has["prompt"]: "prompt_completion"}
             raise DataError(f"{where}: record mixes formats: text ({has['text']!r}) next to "
-                            f"{', '.join(map(repr, others))}; force one with --data-format {{{','.join(FORMATS)}}}")
+                            f"{', '.join(map(repr, others))}; force one with --data-format "
+                            f"{'|'.join(['text', *(named[k] for k in others)])}")
         found.append(("text", [has["text"]]))
     if not found:
         raise DataError(
@@ -511,8 +526,8 @@ def detect_format(raw: dict, where: str, options: DataOptions | None = None) -> 
             "'instruction'+'output' (alpaca)); map other names with --field-messages / --data-columns")
     if len(found) > 1:
         shown = ", ".join(f"{fmt} ({', '.join(map(repr, keys))})" for fmt, keys in found)
-        raise DataError(f"{where}: record mixes formats: {shown}; force one with --data-format "
-                        f"{{{','.join(FORMATS)}}}")
+        names = "|".join("openai|sharegpt" if fmt == "chat" else fmt for fmt, _ in found)
+        raise DataError(f"{where}: record mixes formats: {shown}; force one with --data-format {names}")
     fmt = found[0][0]
     if fmt == "chat":
         msgs = raw[has["messages"]]
