@@ -282,3 +282,19 @@ def test_hub_rows_go_through_the_same_reader(monkeypatch):
     assert calls == [("someone/alpaca-like", "validation")]
     assert [x.record for x in loaded] == CANONICAL[0:2]
     assert loaded[1].where == "someone/alpaca-like:validation: row 2"
+
+
+def test_eval_tasks_read_every_file_type_and_format(tmp_path):
+    """eval --tasks reads the same file types; alpaca/sharegpt rows become chat rows, the last turn the reference."""
+    from moecraft.eval.tasks import load_items
+    from moecraft.models import byte_tokenizer
+
+    tok = byte_tokenizer()
+    p = _write_all_types(tmp_path)
+    for key in ("parquet", "csv", "json", "ds"):
+        items = load_items(str(p[key]), tok, limit=2)
+        assert [it.references for it in items] == [["5"], ["hi"]], key
+        assert items[0].prompt == tok.apply_chat_template([{"role": "user", "content": "Add the numbers.\n2 3"}],
+                                                          tokenize=False, add_generation_prompt=True)
+    sharegpt = load_items(str(p["jsonl"]), tok, limit=3)[2]  # (the text row 7 has no prompt: an error)
+    assert sharegpt.references == ["a2"] and sharegpt.prompt.endswith("42<|eos|>Assistant:")

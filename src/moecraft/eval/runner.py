@@ -124,7 +124,9 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, out: Path | None = None, p
     # fail after minutes of generation, with half of the predictions written.
     tasks = []
     for source in cfg.tasks:
-        items = load_items(source, tokenizer, cfg.limit, cfg.chat_template)
+        from moecraft.data import DataOptions
+
+        items = load_items(source, tokenizer, cfg.limit, cfg.chat_template, DataOptions.from_config(cfg))
         metrics = list(cfg.metrics) or infer_metrics(source, items)
         if judge is not None and "judge" not in metrics:
             metrics.append("judge")
