@@ -655,3 +655,12 @@ def test_bad_data_format_options(capsys, tmp_path):
     assert fails(capsys, "score", "--data", data, "--message-property-mappings", "from").startswith(
         "command line: option 'message_property_mappings' expects dict, got 'from'")
     assert fails(capsys, "data", "--data", data, "--examples", "-1") == "examples must be >= 0, got -1"
+
+
+def test_folder_with_files_of_several_splits(capsys, tmp_path):
+    (tmp_path / "data").mkdir()
+    for name in ("train-00000-of-00001.jsonl", "test-00000-of-00001.jsonl"):
+        (tmp_path / "data" / name).write_text('{"text": "a"}\n')
+    assert fails(capsys, "data", "--data", tmp_path) == \
+        f"{tmp_path}: holds files of several splits (test, train); give one split's file or folder"
+    assert main(["data", "--data", str(tmp_path / "data" / "train-00000-of-00001.jsonl"), "--examples", "0"]) == 0

@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -100,3 +101,16 @@ def test_real_esft_data_preview(shared_esft_data, tok):
     stats = preview(DataConfig(data=f"{shared_esft_data}/train-intent.jsonl", limit=20, examples=0),
                     tokenizer=tok, file=io.StringIO())
     assert stats["formats"] == {"openai": 20} and 0 < stats["trained_tokens"] < stats["tokens"]
+
+
+@pytest.mark.xfail(strict=True, reason="the contract's per-message weight is honoured by render.py (owned by the "
+                                       "render engineer, issue 12); remove this mark when that lands")
+def test_weights_decide_the_trained_turns_end_to_end(tmp_path, tok):
+    """OpenAI fine-tuning weights through the whole pipeline: weight 0 on the assistant, 1 on the user."""
+    path = tmp_path / "w.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "teach", "weight": 1},
+                                             {"role": "assistant", "content": "skip", "weight": 0}]}) + "\n")
+    out = io.StringIO()
+    preview(DataConfig(data=str(path), examples=1), tokenizer=tok, file=out)
+    trained = re.findall(r"\[\[(.*?)\]\]", out.getvalue(), re.S)
+    assert any("teach" in t for t in trained) and not any("skip" in t for t in trained), trained

@@ -200,8 +200,25 @@ def _read_folder(path: Path) -> Iterator[tuple[str, dict]]:
     if not files:
         raise DataError(f"{path}: no data files ({', '.join(DATA_SUFFIXES)}) and not a folder saved by "
                         "datasets.save_to_disk")
+    splits = {s for f in files if (s := _split_of(f.relative_to(path)))}
+    if len(splits) > 1:  # a downloaded hub repo: train-*.parquet next to test-*.parquet must not be mixed
+        raise DataError(f"{path}: holds files of several splits ({', '.join(sorted(splits))}); give one split's "
+                        "file or folder")
     for f in files:
         yield from _read_file(f)
+
+
+_SPLITS = {"train": "train", "test": "test", "validation": "validation", "valid": "validation",
+           "val": "validation", "dev": "validation", "eval": "eval"}
+
+
+def _split_of(relative: Path) -> str | None:
+    """The split a file's name or folder names (hub layout: ``data/train-00000-of-00001.parquet``)."""
+    for part in (*relative.parent.parts, relative.name):
+        word = re.split(r"[-_.]", part.lower(), maxsplit=1)[0]
+        if word in _SPLITS:
+            return _SPLITS[word]
+    return None
 
 
 def _read_file(path: Path) -> Iterator[tuple[str, dict]]:
