@@ -4,6 +4,7 @@ Runs moecraft's own pipeline (load_records -> render_example -> pack_sequences) 
 --model (only the tokenizer is loaded, not the weights). Prints N rendered examples with the trained
 (loss) tokens highlighted (colour in a terminal, [[brackets]] otherwise), then the counts: records per
 format, tokens, trained tokens, packed sequences, packing efficiency, and records that add no loss.
+Every record is rendered for the counts (about as long as train's data preparation); --limit bounds it.
 Example: moecraft data --data train.parquet --model Qwen/Qwen3-30B-A3B --examples 2
 """
 
@@ -91,7 +92,7 @@ def preview(cfg: DataConfig, tokenizer=None, file=None) -> dict:
         tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     color = cfg.color == "always" or (cfg.color == "auto" and getattr(file, "isatty", lambda: False)())
     examples, no_loss, empty, over_len = [], [], [], []
-    for item in loaded:
+    for n, item in enumerate(loaded, 1):
         ids, mask = _ids_mask(render_example(item.record, tokenizer))
         examples.append((ids, mask))
         if not ids:
@@ -100,10 +101,10 @@ def preview(cfg: DataConfig, tokenizer=None, file=None) -> dict:
             no_loss.append(item.where)
         if len(ids) > cfg.seq_len:
             over_len.append(item.where)
-    for n, (item, (ids, mask)) in enumerate(zip(loaded[: cfg.examples], examples), 1):
-        print(f"--- example {n}: {item.where} ({item.format}): {len(ids)} tokens, {sum(map(bool, mask))} trained",
-              file=file)
-        print(highlight(tokenizer, ids, mask, color), file=file)
+        if n <= cfg.examples:  # shown at once; the counts need every record rendered
+            print(f"--- example {n}: {item.where} ({item.format}): {len(ids)} tokens, "
+                  f"{sum(map(bool, mask))} trained", file=file)
+            print(highlight(tokenizer, ids, mask, color), file=file, flush=True)
     packed = [_ids_mask(c) for c in pack_sequences(examples, cfg.seq_len)]
     tokens = sum(len(ids) for ids, _ in examples)
     trained = sum(sum(map(bool, mask)) for _, mask in examples)
