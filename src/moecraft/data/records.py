@@ -75,17 +75,17 @@ class DataOptions:
     data_format: DataFormatName = field(default="auto", metadata=_h(
         "data format: auto (detected record by record), openai, sharegpt, alpaca, prompt_completion, text"))
     field_messages: str | None = field(default=None, metadata=_h(
-        "field holding the conversation (default: messages, else conversations)"))
+        "field holding the conversation (unset: 'messages', else 'conversations')"))
     message_property_mappings: dict | None = field(default=None, metadata=_h(
-        "message keys, e.g. role=from,content=value (keys: role, content, weight; default role/from, "
-        "content/value, weight)"))
+        "message keys, e.g. role=speaker,content=says,weight=train (unset: role or from, content or value, "
+        "weight)"))
     data_columns: dict | None = field(default=None, metadata=_h(
         "record fields, e.g. instruction=question,output=answer (keys: instruction, input, output, system, "
         "history, prompt, completion, text)"))
     roles: dict | None = field(default=None, metadata=_h(
         "role names in the data per canonical role, e.g. assistant=bot,user=client (added to human/gpt/...)"))
     roles_to_train: list[str] | None = field(default=None, metadata=_h(
-        "roles whose messages carry the loss (default: assistant); a message's own weight wins"))
+        "roles whose messages carry the loss (unset: assistant); a message's own weight wins"))
 
     def __post_init__(self) -> None:
         if self.data_format not in ("auto", *FORMATS):
