@@ -631,10 +631,11 @@ MSGS = '{"messages": [{"role": "user", "content": %s}, {"role": "assistant", "co
     ("d.parquet", '{"text": "a"}', [], "", "not a parquet file (no parquet header)"),
     ("d.parquet", "PAR1 but not really", [], "", "not a readable parquet file ("),
     ("d.arrow", "ARROW1 but not really", [], "", "not a readable arrow file ("),
+    ("d.jsonl.gz", b"\x1f\x8b\x08", [], "", "a gzip-compressed file; decompress it first"),
 ])
 def test_bad_records_of_every_format_and_file_type(capsys, tmp_path, name, content, args, where, message):
     path = tmp_path / name
-    path.write_bytes(content.encode("utf-8"))
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
     msg = fails(capsys, "data", "--data", path, *args)
     assert msg.startswith(f"{path}{where}: {message}"), msg
 

@@ -230,6 +230,9 @@ def _read_file(path: Path) -> Iterator[tuple[str, dict]]:
         yield from _read_parquet(path)
     elif head.startswith(b"ARROW1") or head.startswith(b"\xff\xff\xff\xff"):
         yield from _read_arrow(path)
+    elif head.startswith((b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"PK\x03\x04")):
+        kind = {b"\x1f": "gzip", b"\x28": "zstd", b"PK": "zip"}[head[:1] if head[:1] != b"P" else b"PK"]
+        raise DataError(f"{path}: a {kind}-compressed file; decompress it first")
     elif path.suffix in (".csv", ".tsv"):
         yield from _read_csv(path, "\t" if path.suffix == ".tsv" else ",")
     elif path.suffix in (".parquet", ".arrow"):
