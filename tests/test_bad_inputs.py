@@ -603,3 +603,79 @@ def test_lora_experts_with_dropout(capsys, tmp_path):
                 "--max-steps", "1")
     assert msg.startswith("lora_experts needs lora_dropout 0 (got 0.1)")
     assert files_under(out) == []
+
+
+# ----------------------------------------------------------------------------- 12. data formats and file types
+MSGS = '{"messages": [{"role": "user", "content": %s}, {"role": "assistant", "content": "a"%s}]}'
+
+
+@pytest.mark.parametrize("name, content, args, where, message", [
+    ("d.jsonl", '{"instruction": "i", "input": "", "output": "o", "text": "t"}', [], ":1",
+     "record mixes formats: alpaca ('instruction', 'output'), text ('text'); force one with --data-format alpaca|text"),
+    ("d.jsonl", '{"text": "t"}\n{"prompt": "p", "text": "t"}', [], ":2",
+     "record mixes formats: text ('text') next to 'prompt'; force one with --data-format text|prompt_completion"),
+    ("d.jsonl", '{"instruction": "i"}', ["--data-format", "alpaca"], ":1",
+     "alpaca record has no 'output' (fields ['instruction'])"),
+    ("d.jsonl", '{"conversations": [{"from": "bot", "value": "x"}]}', [], ":1",
+     "conversations[0] must be {'role': one of ['assistant', 'system', 'tool', 'user'], 'content': str}"),
+    ("d.jsonl", MSGS % ('[{"type": "image_url", "image_url": {"url": "x"}}]', ""), [], ":1",
+     "messages[0]: content part 0 is 'image_url', not text; only text parts can be trained"),
+    ("d.jsonl", MSGS % ('"q"', ', "weight": 0.5'), [], ":1", "messages[1]: weight must be 0 or 1, got 0.5"),
+    ("d.jsonl", MSGS % ('5', ""), [], ":1", "messages[0]: content must be a string or a list of text parts, got int"),
+    ("d.jsonl", '{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], "system": "t"}',
+     [], ":1", "both a 'system' field and a system message"),
+    ("d.jsonl", '{"instruction": "i", "output": "o", "history": [["q"]]}', [], ":1",
+     "history[0] must be a [prompt, response] pair of strings"),
+    ("d.jsonl", '{"instruction": ["i"], "output": "o"}', [], ":1", "'instruction' must be a string, got list"),
+    ("d.jsonl", '{"text": "a"}\n{"text": "\\ud83d"}', [], ":2",
+     "text holds a lone surrogate '\\ud83d' at character 0 (half of a UTF-16 pair, not a character)"),
+    ("d.jsonl", '{"text": "a", "meta": ' + "[" * 150 + "]" * 150 + "}", [], ":1", "nested deeper than 100 levels"),
+    ("d.jsonl", '{"text": "a", "meta": ' + "[" * 100000 + "]" * 100000 + "}", [], ":1",
+     "not valid JSON (nested deeper than Python can parse)"),
+    ("d.jsonl", '{"text": "a", "n": ' + "9" * 5000 + "}", [], ":1",
+     "not valid JSON (a number with more than 4300 digits)"),
+    ("d.json", '[\n  {"text": "a"},\n  [1]\n]', [], ":3", "expected a JSON object, got list"),
+    ("d.json", '[\n  {"text": "a"}\n  {"text": "b"}\n]', [], ":3", "not valid JSON (expected ',' or ']' in the array)"),
+    ("d.json", '[{"text": "a"}] {"text": "b"}', [], ":1", "not valid JSON (extra data after the array)"),
+    ("d.json", "[]", [], "", "empty JSON array (no records)"),
+    ("d.csv", "text,text\na,b\n", [], ":1", "repeated column name(s) ['text']"),
+    ("d.csv", "text\na,b\n", [], ":2", "2 fields, the header has 1"),
+    ("d.csv", "", [], "", "empty file (no header row)"),
+    ("d.csv", 'messages\n"[{""role"": ""user""}"\n', [], ":2 (column 'messages')", "not valid JSON"),
+    ("d.parquet", '{"text": "a"}', [], "", "not a parquet file (no parquet header)"),
+    ("d.parquet", "PAR1 but not really", [], "", "not a readable parquet file ("),
+    ("d.arrow", "ARROW1 but not really", [], "", "not a readable arrow file ("),
+    ("d.jsonl.gz", b"\x1f\x8b\x08", [], "", "a gzip-compressed file; decompress it first"),
+])
+def test_bad_records_of_every_format_and_file_type(capsys, tmp_path, name, content, args, where, message):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    msg = fails(capsys, "data", "--data", path, *args)
+    assert msg.startswith(f"{path}{where}: {message}"), msg
+
+
+def test_folder_without_data_files(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert fails(capsys, "data", "--data", tmp_path).startswith(f"{tmp_path}: no data files (.jsonl, .ndjson")
+
+
+def test_bad_data_format_options(capsys, tmp_path):
+    data = write_lines(tmp_path / "d.jsonl", ['{"text": "a"}'])
+    assert fails(capsys, "data", "--data", data, "--roles", "bot=assistant").startswith(
+        "option 'roles': 'bot' is not a role; keys are ['system', 'user', 'assistant', 'tool']")
+    assert fails(capsys, "train", "--method", "fft", "--model", "tiny:qwen3_moe", "--data", data,
+                 "--out", tmp_path / "run", "--roles-to-train", "gpt") == "option 'roles_to_train': unknown role(s) ['gpt']; choose from " \
+                                               "['system', 'user', 'assistant', 'tool']"
+    assert not (tmp_path / "run").exists()
+    assert fails(capsys, "score", "--data", data, "--message-property-mappings", "from").startswith(
+        "command line: option 'message_property_mappings' expects dict, got 'from'")
+    assert fails(capsys, "data", "--data", data, "--examples", "-1") == "examples must be >= 0, got -1"
+
+
+def test_folder_with_files_of_several_splits(capsys, tmp_path):
+    (tmp_path / "data").mkdir()
+    for name in ("train-00000-of-00001.jsonl", "test-00000-of-00001.jsonl"):
+        (tmp_path / "data" / name).write_text('{"text": "a"}\n')
+    assert fails(capsys, "data", "--data", tmp_path) == \
+        f"{tmp_path}: holds files of several splits (test, train); give one split's file or folder"
+    assert main(["data", "--data", str(tmp_path / "data" / "train-00000-of-00001.jsonl"), "--examples", "0"]) == 0

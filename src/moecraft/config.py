@@ -85,6 +85,8 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
             items = [_coerce(name, item_tp, v) if item_tp is not Any else v for v in value]
             return tuple(items) if origin is tuple else items
         if origin is dict or base is dict:
+            if isinstance(value, str):  # command line: key=value,key=value (a repeated key collects a list)
+                value = _parse_pairs(value)
             if not isinstance(value, dict):
                 raise ValueError
             return dict(value)
@@ -93,6 +95,21 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
     except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
         raise ConfigError(f"option '{name}' expects {getattr(base, '__name__', base)}, got {value!r}") from exc
     return value
+
+
+def _parse_pairs(text: str) -> dict[str, Any]:
+    """``"a=1,b=2,b=3"`` -> ``{"a": "1", "b": ["2", "3"]}``; an item without ``=`` is a ValueError."""
+    out: dict[str, Any] = {}
+    for item in (i for i in text.split(",") if i.strip()):
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(item)
+        key, val = key.strip(), val.strip()
+        if key in out:
+            out[key] = [*(out[key] if isinstance(out[key], list) else [out[key]]), val]
+        else:
+            out[key] = val
+    return out
 
 
 def _checked_values(cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
@@ -193,6 +210,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["metavar"] = "BOOL"
         elif typing.get_origin(base) in (list, tuple):
             kwargs["metavar"] = "A,B,..."
+        elif base is dict or typing.get_origin(base) is dict:
+            kwargs["metavar"] = "K=V,..."
         parser.add_argument(flag, **kwargs)
     parser.add_argument("--config", dest="_config", default=None, help="YAML file with any of the options above")
     parser.add_argument(

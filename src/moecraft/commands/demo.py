@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moecraft.data.records import DataFormatName, data_option
 from moecraft.errors import MoecraftError
 
 
@@ -38,6 +39,13 @@ class DemoConfig:
     methods: list[str] = field(default_factory=lambda: ["esft", "fft", "lora", "pesc"],
                                metadata={"help": "methods to run (any of esft, fft, lora, pesc)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
+    # --- data format (moecraft.data.records.DataOptions; the same on score, train, eval, demo, data)
+    data_format: DataFormatName = data_option("data_format")
+    field_messages: str | None = data_option("field_messages")
+    message_property_mappings: dict | None = data_option("message_property_mappings")
+    data_columns: dict | None = data_option("data_columns")
+    roles: dict | None = data_option("roles")
+    roles_to_train: list[str] | None = data_option("roles_to_train")
 
 
 def _step(n: int, text: str) -> float:
@@ -54,7 +62,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from moecraft.analysis.analyze import AnalyzeConfig, analyze
     from moecraft.analysis.plots import bar_plot
     from moecraft.analysis.report import image_html, section, table_html, write_report
-    from moecraft.data import load_records
+    from moecraft.data import DataOptions, load_records
     from moecraft.esft.selection import SelectConfig, select_experts
     from moecraft.esft.stats import ScoreConfig, score_experts
     from moecraft.eval.perplexity import perplexity
@@ -71,8 +79,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_run_info(out, cfg)
     eval_data = cfg.eval_data or (f"{cfg.data}:eval" if cfg.data.startswith("builtin:") and cfg.data.count(":") == 1 else cfg.data)
+    dopts = DataOptions.values_of(cfg)  # the data format options go to every step
     ecfg = EvalConfig(tasks=[eval_data], limit=cfg.eval_limit, max_new_tokens=cfg.max_new_tokens,
-                      batch_size=cfg.eval_limit, seed=cfg.seed)
+                      batch_size=cfg.eval_limit, seed=cfg.seed, **dopts)
     general_data = (f"{cfg.second_data}:eval" if cfg.second_data.startswith("builtin:")
                     and cfg.second_data.count(":") == 1 else cfg.second_data)
     results: dict[str, dict] = {}
@@ -88,7 +97,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         # Smooth signals next to the 0/1 task metric: perplexity of the reference answers of the task,
         # and perplexity on the second task's held-out text (general ability kept).
         for key, src in (("task answer ppl", eval_data), ("other-task ppl", general_data)):
-            recs = load_records(src, cfg.eval_limit)
+            recs = load_records(src, cfg.eval_limit, DataOptions(**dopts))
             results[name][key] = perplexity(model, tok, recs, cfg.seq_len, 8, progress=False)["ppl"]
         print(format_table(res))
         _done(t0, out / "eval" / name / "results.json")
@@ -107,7 +116,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             n += 1
             t0 = _step(n, f"score experts on {data} (sample seed {seed}): router statistics, ESFT eq. 5/6")
             path = out / "scores" / f"{label}.json"
-            score_experts(ScoreConfig(model=cfg.moe_model, data=data, out=path, n_sequences=cfg.n_sequences,
+            score_experts(ScoreConfig(model=cfg.moe_model, data=data, out=path, n_sequences=cfg.n_sequences, **dopts,
                                       seq_len=cfg.seq_len, seed=seed), model=moe, tokenizer=tok)
             score_files[label] = path
             _done(t0, path)
@@ -132,7 +141,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             base, _ = load_model(cfg.moe_model, seed=cfg.seed)
             tuned = load_artifact(base, out / "train" / "esft")
             score_files["after-esft"] = out / "scores" / "after-esft.json"
-            score_experts(ScoreConfig(model=cfg.moe_model, data=cfg.data, out=score_files["after-esft"],
+            score_experts(ScoreConfig(model=cfg.moe_model, data=cfg.data, out=score_files["after-esft"], **dopts,
                                       n_sequences=cfg.n_sequences, seq_len=cfg.seq_len, seed=cfg.seed),
                           model=tuned, tokenizer=tok)
             _done(t0, score_files["after-esft"])
@@ -203,7 +212,10 @@ def _train(cfg: DemoConfig, method: str, model: str, data: str, experts: Path | 
     from moecraft.train.loop import train
 
     t0 = _step(n, f"train {method} on {data} ({cfg.steps} steps)")
+    from moecraft.data import DataOptions
+
     tcfg = TrainConfig(model=model, data=data, out=str(out / "train" / method), method=method,
+                       **DataOptions.values_of(cfg),
                        experts=str(experts) if method == "esft" else None, seq_len=cfg.seq_len,
                        max_steps=cfg.steps, eval_sequences=2, seed=cfg.seed,
                        # Higher than the paper's rates: a few hundred steps on a random tiny model, not a pretrained one.

@@ -2,7 +2,20 @@
 packing them into training sequences (:mod:`.packing`)."""
 
 from moecraft.data.packing import mix_sequences, pack_sequences, sample_sequences
-from moecraft.data.records import BUILTIN_PREFIX, check_record, load_records, read_jsonl_rows, record_kind
+from moecraft.data.records import (
+    BUILTIN_PREFIX,
+    FORMATS,
+    DataOptions,
+    Loaded,
+    check_record,
+    detect_format,
+    load_records,
+    read_jsonl_rows,
+    read_records,
+    read_rows,
+    record_kind,
+    to_canonical,
+)
 from moecraft.data.render import Example, render_example, render_prompt
 
 __all__ = [
@@ -17,4 +30,11 @@ __all__ = [
     "render_example",
     "render_prompt",
     "sample_sequences",
+    "DataOptions",
+    "FORMATS",
+    "Loaded",
+    "detect_format",
+    "read_records",
+    "read_rows",
+    "to_canonical",
 ]

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from moecraft.data.records import DataFormatName, data_option
 from moecraft.errors import MoecraftError
 from moecraft.families import get_family, moe_layers, routing_spec
 from moecraft.files import check_output_file, read_json, write_json
@@ -51,6 +52,13 @@ class ScoreConfig:
     expert_parallel: int = field(default=1, metadata={
         "help": "split each MoE layer's experts over N processes (transformers' expert-parallel plan; launch "
                 "N processes with torchrun); each scores its share of the sample"})
+    # --- data format (moecraft.data.records.DataOptions; the same on score, train, eval, demo, data)
+    data_format: DataFormatName = data_option("data_format")
+    field_messages: str | None = data_option("field_messages")
+    message_property_mappings: dict | None = data_option("message_property_mappings")
+    data_columns: dict | None = data_option("data_columns")
+    roles: dict | None = data_option("roles")
+    roles_to_train: list[str] | None = data_option("roles_to_train")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -261,7 +269,7 @@ def score_experts(cfg: ScoreConfig, model: nn.Module | None = None, tokenizer=No
 
     Pass an already loaded ``model``/``tokenizer`` to skip loading ``cfg.model``.
     """
-    from moecraft.data import load_records, sample_sequences
+    from moecraft.data import DataOptions, load_records, sample_sequences
     from moecraft.esft.expert_parallel import expert_parallel_config, is_expert_parallel
     from moecraft.models import check_sequence_length, load_model
     from moecraft.runinfo import run_info, seed_everything
@@ -289,7 +297,7 @@ def score_experts(cfg: ScoreConfig, model: nn.Module | None = None, tokenizer=No
         process = (dist.get_rank(), dist.get_world_size())
     get_family(model)  # unsupported models fail before any data work
     check_sequence_length(model, cfg.seq_len)
-    records = load_records(cfg.data, limit=cfg.limit)
+    records = load_records(cfg.data, limit=cfg.limit, options=DataOptions.from_config(cfg))
     sequences = sample_sequences(records, tokenizer, cfg.n_sequences, cfg.seq_len, cfg.seed, cfg.response_only)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores = collect_router_stats(model, sequences, cfg.batch_size, pad, model_name=cfg.model, process=process)

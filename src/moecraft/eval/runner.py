@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moecraft.data.records import DataFormatName, data_option
 from moecraft.errors import MoecraftError
 from moecraft.eval import metrics as M
 from moecraft.eval.tasks import EvalItem, infer_metrics, load_items
@@ -41,6 +42,13 @@ class EvalConfig:
     perplexity_data: str | None = field(
         default=None, metadata={"help": "held-out general corpus for perplexity (JSONL/datasets/hub/builtin)"})
     perplexity_limit: int | None = field(default=200, metadata={"help": "records of the perplexity corpus to use"})
+    # --- data format (moecraft.data.records.DataOptions; the same on score, train, eval, demo, data)
+    data_format: DataFormatName = data_option("data_format")
+    field_messages: str | None = data_option("field_messages")
+    message_property_mappings: dict | None = data_option("message_property_mappings")
+    data_columns: dict | None = data_option("data_columns")
+    roles: dict | None = data_option("roles")
+    roles_to_train: list[str] | None = data_option("roles_to_train")
     seq_len: int = field(default=1024, metadata={"help": "window length for perplexity"})
     lm_eval_tasks: list[str] = field(
         default_factory=list, metadata={"help": "lm-evaluation-harness tasks (e.g. mmlu,gsm8k,arc_challenge); needs the lm-eval extra"})
@@ -119,7 +127,9 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, out: Path | None = None, p
     # fail after minutes of generation, with half of the predictions written.
     tasks = []
     for source in cfg.tasks:
-        items = load_items(source, tokenizer, cfg.limit, cfg.chat_template)
+        from moecraft.data import DataOptions
+
+        items = load_items(source, tokenizer, cfg.limit, cfg.chat_template, DataOptions.from_config(cfg))
         metrics = list(cfg.metrics) or infer_metrics(source, items)
         if judge is not None and "judge" not in metrics:
             metrics.append("judge")
@@ -131,11 +141,11 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, out: Path | None = None, p
         require_sandbox()  # before generating: model-written code must not run unsandboxed by default
     ppl_records = None
     if cfg.perplexity_data:
-        from moecraft.data import load_records
+        from moecraft.data import DataOptions, load_records
         from moecraft.models import check_sequence_length
 
         check_sequence_length(model, cfg.seq_len)
-        ppl_records = load_records(cfg.perplexity_data, cfg.perplexity_limit)
+        ppl_records = load_records(cfg.perplexity_data, cfg.perplexity_limit, DataOptions.from_config(cfg))
     results: dict = {"tasks": {}}
     for source, items, metrics in tasks:
         preds = generate_texts(

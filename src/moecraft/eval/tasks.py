@@ -7,7 +7,8 @@ Row shapes read here (one JSON object a line, or ``builtin:<task>[:split]``, spl
 - ESFT:   ``{"idx", "prompt", "raw_answers", "answers"}``: pre-formatted few-shot text used as is;
 - pair:   ``{"prompt", "reference" | "answer" | "answers" | "response"}``: raw prompt text;
 - code:   any of the above with ``test``/``tests``/``test_list`` (and ``entry_point`` for HumanEval).
-Other sources (``datasets`` folders, hub ids) go through :func:`moecraft.data.load_records`.
+Any file type, folder or hub id of :mod:`moecraft.data.records` is read; rows of other formats (alpaca,
+sharegpt, ...) become canonical chat records first, so their last assistant turn is the reference.
 """
 
 from __future__ import annotations
@@ -31,27 +32,33 @@ class EvalItem:
         return any(k in self.record for k in ("test", "tests", "test_list"))
 
 
-def read_rows(source: str, limit: int | None = None) -> list[dict]:
-    """Raw rows of an evaluation source; bad JSON or non-object lines raise DataError naming file:line."""
+def read_rows(source: str, limit: int | None = None, options=None) -> list[dict]:
+    """Raw rows of an evaluation source; bad JSON or non-object lines raise DataError naming file:line.
+
+    Files of any type the record reader knows (JSONL, JSON array, parquet, csv, arrow, folders, hub ids) are
+    read as they are; a row with neither ``messages`` nor ``prompt`` (alpaca, sharegpt, ...) is turned into
+    the canonical chat record by :func:`moecraft.data.to_canonical` with ``options``.
+    """
     if source.startswith("builtin:"):
         from moecraft.builtin_data import generate
 
         task, _, split = source[len("builtin:") :].partition(":")
         rows = generate(task, split or "eval")
-    elif source.endswith((".jsonl", ".json")) or Path(source).is_file():
-        path = Path(source)
-        if not path.is_file():
-            raise DataError(f"eval data file not found: {path}")
-        from moecraft.data import read_jsonl_rows
-
-        rows = []
-        for lineno, row in read_jsonl_rows(path):
-            row.setdefault("_where", f"{path}:{lineno}")
-            rows.append(row)
     else:
-        from moecraft.data import load_records
+        from moecraft.data import read_rows as read_data_rows
+        from moecraft.data import to_canonical
+        from moecraft.data.records import DATA_SUFFIXES
 
-        rows = load_records(source)
+        if source.endswith(DATA_SUFFIXES) and not Path(source).exists():
+            raise DataError(f"eval data file not found: {source}")
+        rows = []
+        for where, row in read_data_rows(source):
+            if "messages" not in row and "prompt" not in row:
+                row, _ = to_canonical(row, where, options)
+            row.setdefault("_where", where)
+            rows.append(row)
+            if limit and len(rows) >= limit:
+                break
     if not rows:
         raise DataError(f"{source}: no evaluation rows")
     return rows[:limit] if limit else rows
@@ -93,8 +100,9 @@ def to_item(row: dict, tokenizer, where: str, chat_template: bool = False) -> Ev
     return EvalItem(prompt, refs or [], row)
 
 
-def load_items(source: str, tokenizer, limit: int | None = None, chat_template: bool = False) -> list[EvalItem]:
-    rows = read_rows(source, limit)
+def load_items(source: str, tokenizer, limit: int | None = None, chat_template: bool = False,
+               options=None) -> list[EvalItem]:
+    rows = read_rows(source, limit, options)
     return [to_item(r, tokenizer, r.pop("_where", f"{source}:{i + 1}"), chat_template) for i, r in enumerate(rows)]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from moecraft.data.records import DataFormatName, data_option
+
 
 def _h(text: str) -> dict:
     return {"help": text}
@@ -55,6 +57,13 @@ class TrainConfig:
     mix_data: str | None = field(default=None, metadata=_h("second (alignment) data set mixed into training"))
     mix_ratio: float = field(default=0.5, metadata=_h("share of training sequences from --mix-data (paper 1:1 = 0.5)"))
     max_records: int | None = field(default=None, metadata=_h("use at most this many records per data set"))
+    # --- data format (moecraft.data.records.DataOptions; the same on score, train, eval, demo, data)
+    data_format: DataFormatName = data_option("data_format")
+    field_messages: str | None = data_option("field_messages")
+    message_property_mappings: dict | None = data_option("message_property_mappings")
+    data_columns: dict | None = data_option("data_columns")
+    roles: dict | None = data_option("roles")
+    roles_to_train: list[str] | None = data_option("roles_to_train")
     seq_len: int = field(default=4096, metadata=_h("packed sequence length (paper 4096)"))
     # --- optimisation
     max_steps: int = field(default=500, metadata=_h("optimiser steps"))

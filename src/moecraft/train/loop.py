@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from moecraft.artifacts import base_fingerprint, model_bytes, write_manifest
 from moecraft.config import dump_yaml
-from moecraft.data import BUILTIN_PREFIX, load_records, mix_sequences, sample_sequences
+from moecraft.data import BUILTIN_PREFIX, DataOptions, load_records, mix_sequences, sample_sequences
 from moecraft.errors import MoecraftError
 from moecraft.esft.expert_parallel import clip_grad_norm_ep, expert_parallel_config
 from moecraft.files import check_output_folder
@@ -80,10 +80,11 @@ def _eval_source(cfg: TrainConfig) -> str | None:
 def build_data(cfg: TrainConfig, tokenizer, num_processes: int = 1) -> tuple[list[Seq], list[Seq]]:
     """(train sequences, eval sequences), packed to ``seq_len`` with response-token loss masks."""
     n_train = cfg.max_steps * cfg.batch_size * cfg.grad_accum * num_processes
-    records = load_records(cfg.data, limit=cfg.max_records)
+    opts = DataOptions.from_config(cfg)  # one set of format options for every data source of the run
+    records = load_records(cfg.data, limit=cfg.max_records, options=opts)
     eval_src = _eval_source(cfg)
     if eval_src:
-        eval_records = load_records(eval_src, limit=cfg.max_records)
+        eval_records = load_records(eval_src, limit=cfg.max_records, options=opts)
     else:  # hold out a seeded share of the training records
         order = list(range(len(records)))
         random.Random(cfg.seed + 1).shuffle(order)
@@ -92,7 +93,7 @@ def build_data(cfg: TrainConfig, tokenizer, num_processes: int = 1) -> tuple[lis
             raise MoecraftError(f"{cfg.data}: too few records to hold out an eval split; give --eval-data")
         eval_records = [records[i] for i in order[:n_eval]]
         records = [records[i] for i in order[n_eval:]]
-    mix_records = load_records(cfg.mix_data, limit=cfg.max_records) if cfg.mix_data else []  # checked even if unused
+    mix_records = load_records(cfg.mix_data, limit=cfg.max_records, options=opts) if cfg.mix_data else []  # checked even if unused
     train = mix_sequences(records, mix_records, tokenizer, n_train, cfg.mix_ratio, cfg.seq_len, cfg.seed)
     evals = sample_sequences(eval_records, tokenizer, cfg.eval_sequences, cfg.seq_len, cfg.seed, response_only=True)
     return train, evals
