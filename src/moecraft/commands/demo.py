@@ -38,6 +38,7 @@ class DemoConfig:
     methods: list[str] = field(default_factory=lambda: ["esft", "fft", "lora", "pesc"],
                                metadata={"help": "methods to run (any of esft, fft, lora, pesc)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
+    overwrite: bool = field(default=False, metadata={"help": "run into a non-empty --out, discarding what is in it"})
 
 
 def _step(n: int, text: str) -> float:
@@ -50,7 +51,21 @@ def _done(t0: float, where) -> None:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    """Run every step; returns the summary that ``out/summary.json`` and ``out/report.html`` show."""
+    """Run every step; returns the summary that ``out/summary.json`` and ``out/report.html`` show.
+
+    ``--out`` is claimed as a long-lived folder (:func:`moecraft.files.run_folder`): refused when not empty
+    unless --overwrite, locked for the whole demo, and marked unfinished until the report is written.
+    """
+    from moecraft.files import run_folder
+
+    inputs = [cfg.moe_model, cfg.dense_model, cfg.data, cfg.eval_data, cfg.second_data]
+    with run_folder(cfg.out, inputs=inputs, overwrite=cfg.overwrite) as folder:
+        summary = _run_demo(cfg, folder)
+        folder.finish()
+    return summary
+
+
+def _run_demo(cfg: DemoConfig, folder) -> dict:
     from moecraft.analysis.analyze import AnalyzeConfig, analyze
     from moecraft.analysis.plots import bar_plot
     from moecraft.analysis.report import image_html, section, table_html, write_report
@@ -67,8 +82,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         raise MoecraftError(f"demo: unknown method(s) {unknown}; choose from esft, fft, lora, pesc")
     start = time.monotonic()
     seed_everything(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = folder.start()
     write_run_info(out, cfg)
     eval_data = cfg.eval_data or (f"{cfg.data}:eval" if cfg.data.startswith("builtin:") and cfg.data.count(":") == 1 else cfg.data)
     ecfg = EvalConfig(tasks=[eval_data], limit=cfg.eval_limit, max_new_tokens=cfg.max_new_tokens,

@@ -7,10 +7,9 @@ The result loads with AutoModelForCausalLM.from_pretrained(merged/) (and so in v
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from moecraft.artifacts import merge_artifact, read_manifest
-from moecraft.files import check_output_folder
+from moecraft.files import output_folder
 from moecraft.models import load_model
 from moecraft.runinfo import write_run_info
 
@@ -21,23 +20,25 @@ class MergeConfig:
     out: str = field(metadata={"help": "folder for the merged checkpoint"})
     base: str | None = field(default=None, metadata={"help": "base model; default: the one recorded in the artifact"})
     dtype: str = field(default="auto", metadata={"help": "dtype to load the base in (auto, float32, bfloat16)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --out (once the new one is complete)"})
 
 
 CONFIG = MergeConfig
 
 
 def merge(cfg: MergeConfig):
-    """Load base + artifact, merge, ``save_pretrained`` model and tokenizer to ``cfg.out``; returns the model."""
+    """Load base + artifact, merge, ``save_pretrained`` model and tokenizer to ``cfg.out``; returns the model.
+
+    Written into a temporary sibling of ``cfg.out`` and renamed when complete (:func:`moecraft.files.output_folder`).
+    """
     manifest = read_manifest(cfg.artifact)
-    check_output_folder(cfg.out, "--out")
     base = cfg.base or manifest["base"]
-    model, tokenizer = load_model(base, dtype=cfg.dtype)
-    merged = merge_artifact(model, cfg.artifact)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    write_run_info(out, cfg)
+    with output_folder(cfg.out, inputs=[cfg.artifact, base], overwrite=cfg.overwrite) as tmp:
+        model, tokenizer = load_model(base, dtype=cfg.dtype)
+        merged = merge_artifact(model, cfg.artifact)
+        merged.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        write_run_info(tmp, cfg)
     return merged
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from moecraft.artifacts import base_fingerprint, check_base
 from moecraft.config import dump_yaml, load_yaml
 from moecraft.errors import MoecraftError
-from moecraft.files import read_json
+from moecraft.files import check_complete, read_json
 from moecraft.pesc.arch import decoder_layers, dense_arch
 from moecraft.pesc.config import CraftConfig
 from moecraft.pesc.layer import PescMoE
@@ -166,6 +166,7 @@ def read_config(artifact_dir: str | Path) -> CraftConfig:
     path = Path(artifact_dir) / CONFIG
     if not Path(artifact_dir).is_dir():
         raise MoecraftError(f"artifact folder not found: {artifact_dir}")
+    check_complete(artifact_dir)
     if not path.is_file():
         raise MoecraftError(f"{artifact_dir} is not a PESC artifact (no {CONFIG})")
     return load_yaml(CraftConfig, path)

@@ -78,4 +78,6 @@ class TrainConfig:
     save_every: int = field(default=0, metadata=_h("checkpoint every N steps (0 = no checkpoints)"))
     log_every: int = field(default=1, metadata=_h("write metrics every N steps"))
     resume: bool = field(default=False, metadata=_h("continue from the checkpoint in --out"))
+    overwrite: bool = field(default=False, metadata=_h("train into a non-empty --out, discarding the run in it "
+                                                       "(once this run's inputs have passed their checks)"))
     progress: bool = field(default=True, metadata=_h("show a progress bar"))
