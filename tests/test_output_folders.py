@@ -293,6 +293,10 @@ def test_every_command_refuses_an_output_around_its_inputs(capsys, tmp_path):
          f"--out {tmp_path} contains the input {data}"),
     ]
     before = snapshot(tmp_path)
+    with pytest.MonkeyPatch.context() as mp:  # a folder written whole and renamed cannot be the working folder
+        mp.chdir(model)
+        assert fails(capsys, "analyze", "--scores", scores, "--out", ".", "--overwrite") == \
+            "--out . is or contains the current working folder; give another folder"
     for argv, want in cases:
         assert fails(capsys, *argv, "--overwrite") == f"{want}; write the output somewhere else"
     assert snapshot(tmp_path) == before
@@ -339,3 +343,24 @@ def _try_lock(target) -> bool:
         return True
     except MoecraftError:
         return False
+
+
+def test_overwrite_through_a_symlink_replaces_the_real_folder_and_stale_siblings_are_handled(tmp_path):
+    from moecraft.files import output_folder
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "old.txt").write_text("old\n")
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    with output_folder(link, overwrite=True) as tmp:
+        assert tmp.parent == tmp_path and (tmp / MARKER).exists()
+        (tmp / "new.txt").write_text("new\n")
+    assert link.is_symlink() and sorted(os.listdir(real)) == ["new.txt"] and leftovers(tmp_path) == []
+    # a run killed between its two renames left the old output aside and none in place: the next run puts it back
+    # (and so refuses to write over it), and removes the temporary folder of a killed run
+    os.replace(real, tmp_path / ".real.moecraft-old-1")
+    (tmp_path / ".real.moecraft-tmp-2").mkdir()
+    with pytest.raises(MoecraftError, match="is not empty; use --overwrite"), output_folder(real):
+        pass
+    assert sorted(os.listdir(real)) == ["new.txt"] and leftovers(tmp_path) == []

@@ -160,26 +160,34 @@ def check_complete(folder: PathLike) -> None:
                             "stopped or is still running); use a finished output, or finish the run (train --resume)")
 
 
-def _check_free(target: Path, option: str, allowed: bool, hint: str) -> None:
+def _check_free(target: Path, option: str, allowed: bool, hint: str, shown: PathLike | None = None) -> None:
     if allowed:
         return
+    shown = target if shown is None else shown
     if target.is_dir() and any(target.iterdir()):
         extra = " (an unfinished run)" if (target / MARKER).exists() else ""
-        raise MoecraftError(f"{option} {target} is not empty{extra}; {hint}")
+        raise MoecraftError(f"{option} {shown} is not empty{extra}; {hint}")
     if target.is_file():
-        raise MoecraftError(f"{option} {target} exists; {hint}")
+        raise MoecraftError(f"{option} {shown} exists; {hint}")
+
+
+def _real(path: PathLike) -> Path:
+    """Where an output really goes: ``.``, ``..`` and symlinks resolved, so that the lock, the temporary
+    sibling and the rename all act beside the real folder (``--out .`` included)."""
+    return Path(path).expanduser().resolve()
 
 
 # ----------------------------------------------------------------------------- lock
 @contextlib.contextmanager
-def output_lock(target: PathLike) -> Iterator[None]:
+def output_lock(target: PathLike, shown: PathLike | None = None) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``.<name>.moecraft-lock`` beside ``target``; a second holder fails at once.
 
     The lock file is removed on release. An acquirer checks that the file it locked is still the one at the
     path (the holder may have removed it in between) and retries if not, so two runs never both hold it.
     The kernel drops the lock when a process dies, so a killed run never leaves a stale lock.
     """
-    target = Path(target)
+    target = _real(target)
+    shown = target if shown is None else shown
     if fcntl is None:  # pragma: no cover
         yield
         return
@@ -191,7 +199,7 @@ def output_lock(target: PathLike) -> Iterator[None]:
         except OSError:
             pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise MoecraftError(f"another moecraft run is writing to {target} (pid {pid}); wait for it to finish, "
+            raise MoecraftError(f"another moecraft run is writing to {shown} (pid {pid}); wait for it to finish, "
                                 "or write somewhere else") from None
         try:
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
@@ -273,15 +281,18 @@ def output_folder(path: PathLike, *, option: str = "--out", inputs: Iterable[Pat
     holds the lock while the body runs. When the body returns, the temporary folder gets the umask's modes
     and is renamed to ``path``; when it raises, it is removed and ``path`` stays as it was.
     """
-    target = Path(path)
-    check_output_folder(target, option)
-    check_not_input(target, inputs, option)
+    check_output_folder(path, option)
+    check_not_input(path, inputs, option)
+    target = _real(path)
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:  # the rename at the end would pull the folder from under the shell
+        raise MoecraftError(f"{option} {path} is or contains the current working folder; give another folder")
     created = _make_parents(target.parent)
     done = False
     try:
-        with output_lock(target):  # first, so that a run in progress is named as such
+        with output_lock(target, path):  # first, so that a run in progress is named as such
             _clean_stale(target)
-            _check_free(target, option, overwrite, "use --overwrite to replace it")
+            _check_free(target, option, overwrite, "use --overwrite to replace it", path)
             tmp = target.parent / f".{target.name}{_TMP}{os.getpid()}"
             tmp.mkdir()
             (tmp / MARKER).touch()
@@ -307,20 +318,20 @@ def output_file(path: PathLike, *, option: str = "--out", inputs: Iterable[PathL
     Write it with :func:`write_json` / :func:`write_text` (atomic). ``lock=False`` only checks (the processes
     of a multi-process run that do not write).
     """
-    target = Path(path)
-    check_output_file(target, option)
-    check_not_input(target, inputs, option)
+    check_output_file(path, option)
+    check_not_input(path, inputs, option)
+    target = _real(path)
     if not lock:
-        _check_free(target, option, overwrite, "use --overwrite to replace it")
-        yield target
+        _check_free(target, option, overwrite, "use --overwrite to replace it", path)
+        yield Path(path)
         return
     created = _make_parents(target.parent)
     done = False
     try:
-        with output_lock(target):
+        with output_lock(target, path):
             _clean_stale(target)
-            _check_free(target, option, overwrite, "use --overwrite to replace it")
-            yield target
+            _check_free(target, option, overwrite, "use --overwrite to replace it", path)
+            yield Path(path)
             done = True
     finally:
         if not done and not target.exists():
@@ -362,21 +373,21 @@ def run_folder(path: PathLike, *, option: str = "--out", inputs: Iterable[PathLi
     ``resume=None``: the command has no ``--resume``. ``writer=False`` (the other processes of a
     multi-process run) only checks; the main process locks.
     """
-    target = Path(path)
-    check_output_folder(target, option)
-    check_not_input(target, inputs, option)
+    check_output_folder(path, option)
+    check_not_input(path, inputs, option)
+    target = _real(path)
     hint = ("use --resume to continue the run in it, or --overwrite to replace it" if resume is not None
             else "use --overwrite to replace it")
     folder = RunFolder(target, bool(overwrite and not resume), writer)
     if not writer:
-        _check_free(target, option, bool(resume or overwrite), hint)
+        _check_free(target, option, bool(resume or overwrite), hint, path)
         yield folder
         return
     created = _make_parents(target.parent)
     ok = False
     try:
-        with output_lock(target):
-            _check_free(target, option, bool(resume or overwrite), hint)
+        with output_lock(target, path):
+            _check_free(target, option, bool(resume or overwrite), hint, path)
             yield folder
             ok = True
     finally:
