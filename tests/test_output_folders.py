@@ -309,11 +309,12 @@ def test_written_files_and_folders_follow_the_umask(tmp_path, umask):
     try:
         assert main(["craft", "--model", "tiny:llama", "--output", str(tmp_path / "crafted"), "--num-experts", "2",
                      "--adapter-dim", "4", "--quantize", "none"]) == 0
+        assert main(["export", "--artifact", str(tmp_path / "crafted"), "--output", str(tmp_path / "exported")]) == 0
         train(_train_cfg(tmp_path / "run", max_steps=1, save_every=1))
         write_json(tmp_path / "sub" / "x.json", {"a": 1})
     finally:
         os.umask(old)
-    paths = [tmp_path / "crafted", tmp_path / "run", tmp_path / "sub"]
+    paths = [tmp_path / "crafted", tmp_path / "exported", tmp_path / "run", tmp_path / "sub"]
     seen = set()
     for root in paths:
         for p in [root, *root.rglob("*")]:
