@@ -59,7 +59,14 @@ def read_json(path: PathLike, what: str) -> dict:
 
 # ----------------------------------------------------------------------------- modes and atomic files
 def _umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it; put it back at once
+    try:  # Linux reports it without changing it (setting it, even briefly, races with other threads)
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it; put it back at once
     os.umask(mask)
     return mask
 
@@ -378,7 +385,7 @@ def run_folder(path: PathLike, *, option: str = "--out", inputs: Iterable[PathLi
     target = _real(path)
     hint = ("use --resume to continue the run in it, or --overwrite to replace it" if resume is not None
             else "use --overwrite to replace it")
-    folder = RunFolder(target, bool(overwrite and not resume), writer)
+    folder = RunFolder(Path(path), bool(overwrite and not resume), writer)
     if not writer:
         _check_free(target, option, bool(resume or overwrite), hint, path)
         yield folder
