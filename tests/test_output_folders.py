@@ -365,3 +365,19 @@ def test_overwrite_through_a_symlink_replaces_the_real_folder_and_stale_siblings
     with pytest.raises(MoecraftError, match="is not empty; use --overwrite"), output_folder(real):
         pass
     assert sorted(os.listdir(real)) == ["new.txt"] and leftovers(tmp_path) == []
+
+
+def test_prediction_names_are_distinct_also_on_case_insensitive_file_systems():
+    from moecraft.eval.runner import prediction_names
+
+    def digest(s):
+        return hashlib.sha256(s.encode()).hexdigest()[:8]
+
+    names = prediction_names(["a/eval.jsonl", "b/Eval.jsonl", "builtin:intent"])
+    assert names == {"a/eval.jsonl": f"predictions-eval-{digest('a/eval.jsonl')}.jsonl",
+                     "b/Eval.jsonl": f"predictions-Eval-{digest('b/Eval.jsonl')}.jsonl",
+                     "builtin:intent": "predictions-builtin_intent.jsonl"}
+    # a third task named like a hashed one: every task gets its index instead
+    tricky = ["a/x.jsonl", "b/x.jsonl", f"c/x-{digest('a/x.jsonl')}.jsonl"]
+    assert list(prediction_names(tricky).values()) == [
+        "predictions-0-x.jsonl", "predictions-1-x.jsonl", f"predictions-2-x-{digest('a/x.jsonl')}.jsonl"]

@@ -186,7 +186,8 @@ def select_experts(cfg: SelectConfig, scores=None) -> ExpertConfig:
     """``moecraft select``: eq. 8 in every layer; writes ``cfg.out`` (unless empty) and returns the config."""
     from contextlib import nullcontext
 
-    claim = output_file(cfg.out, inputs=[cfg.scores] if scores is None else [], overwrite=cfg.overwrite) if cfg.out else nullcontext()
+    inputs = [cfg.scores] if scores is None else []
+    claim = output_file(cfg.out, inputs=inputs, overwrite=cfg.overwrite) if cfg.out else nullcontext()
     with claim:  # checked before any work; the lock is held until the file is written
         return _select(cfg, scores)
 

@@ -176,13 +176,15 @@ def prediction_names(sources: list[str]) -> dict[str, str]:
     repeated = sorted(s for s, n in Counter(sources).items() if n > 1)
     if repeated:
         raise MoecraftError(f"task(s) {repeated} given more than once in --tasks")
-    slugs = Counter(_slug(s) for s in sources)
+    slugs = Counter(_slug(s).lower() for s in sources)  # lower: case-insensitive file systems
     names = {}
     for s in sources:
         slug = _slug(s)
-        if slugs[slug] > 1:
+        if slugs[slug.lower()] > 1:
             slug += "-" + hashlib.sha256(s.encode()).hexdigest()[:8]
         names[s] = f"predictions-{slug}.jsonl"
+    if len({n.lower() for n in names.values()}) < len(names):  # a task literally named like a hashed one
+        names = {s: f"predictions-{i}-{_slug(s)}.jsonl" for i, s in enumerate(sources)}
     return names
 
 
