@@ -15,7 +15,7 @@ $(BIN)/moecraft: pyproject.toml
 install: $(BIN)/moecraft
 
 demo: install
-	$(BIN)/moecraft demo
+	$(BIN)/moecraft demo --overwrite  # a repeated `make demo` replaces runs/demo
 
 test: install
 	$(BIN)/python -m pytest tests

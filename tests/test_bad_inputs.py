@@ -308,7 +308,7 @@ def test_eval_perplexity_seq_len_over_max_positions(capsys, tmp_path, short_mode
 def test_p_out_of_range(capsys, tmp_path, scores_file, p):
     out = tmp_path / "experts.json"
     out.write_text("previous result\n")
-    msg = fails(capsys, "select", "--scores", scores_file, "--p", p, "--out", out)
+    msg = fails(capsys, "select", "--scores", scores_file, "--p", p, "--out", out, "--overwrite")
     assert msg == f"threshold p must be in (0, 1], got {float(p)!r}"
     assert out.read_text() == "previous result\n"  # nothing lost
 

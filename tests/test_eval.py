@@ -129,7 +129,7 @@ def test_eval_command_end_to_end(tmp_path):
     assert "builtin:arithmetic" in format_table(res)
     assert main(["eval", "--model", "tiny:llama", "--tasks", str(tmp_path / "missing.jsonl")]) == 2
     with pytest.raises(DataError):
-        run_eval(EvalConfig(model="tiny:llama", tasks=[str(tmp_path / "missing.jsonl")], out=tmp_path))
+        run_eval(EvalConfig(model="tiny:llama", tasks=[str(tmp_path / "missing.jsonl")], out=tmp_path, overwrite=True))
 
 
 def test_lm_eval_bridge_on_a_local_task(tmp_path, llama):

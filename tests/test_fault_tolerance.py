@@ -77,7 +77,9 @@ def test_kill_9_at_random_moments_then_resume_ends_equal_to_an_uninterrupted_run
         cmd = _cli(options, out)
         done = 0
         for _ in range(1 + seed % 2):  # seed 1 is killed twice, the second time while resuming
-            logged = _run_and_kill(cmd + ["--resume", "true"] if done else cmd, out, rng.randint(done + 1, 11), rng)
+            # a killed run's folder is not empty, so a new run into it needs --resume even before a checkpoint
+            logged = _run_and_kill(cmd + ["--resume", "true"] if out.exists() else cmd, out, rng.randint(done + 1, 11),
+                                   rng)
             saved = _checkpoint_step(out)
             assert logged - saved <= SAVE_EVERY, (logged, saved)  # at most one save interval is lost
             done = saved

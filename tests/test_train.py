@@ -167,6 +167,6 @@ def test_no_routed_experts_but_shared_experts_trains_only_the_shared_ones(tmp_pa
     after = train(cfg)["model"].state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".shared_experts." in k for k in changed)
-    cfg.train_shared_experts = False
+    cfg.train_shared_experts, cfg.overwrite = False, True
     with pytest.raises(MoecraftError, match="selects no experts at all"):
         train(cfg)

@@ -142,7 +142,9 @@ def write_manifest(out_dir: Path, *, method: str, base: str, fingerprint: dict, 
     manifest = {"format": FORMAT, "method": method, "base": base, "fingerprint": fingerprint,
                 "artifact_bytes": size, "base_bytes": base_bytes,
                 "size_ratio": (size / base_bytes) if base_bytes else None, **(extra or {})}
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    from moecraft.files import write_text
+
+    write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")  # atomic: written last, marks a whole artifact
     return manifest
 
 
@@ -154,11 +156,12 @@ def _is_artifact_file(root: Path, p: Path) -> bool:
 
 def read_manifest(artifact_dir: str | Path) -> dict:
     """The checked ``artifact.json`` of a training output; a missing folder or bad manifest: MoecraftError."""
-    from moecraft.files import read_json
+    from moecraft.files import check_complete, read_json
 
     artifact_dir = Path(artifact_dir)
     if not artifact_dir.is_dir():
         raise MoecraftError(f"artifact folder not found: {artifact_dir}")
+    check_complete(artifact_dir)
     path = artifact_dir / MANIFEST
     if not path.is_file():
         hint = ""
@@ -181,11 +184,13 @@ def load_artifact(base_model: nn.Module, artifact_dir: str | Path) -> nn.Module:
     A training output names its method and base in ``artifact.json``; a PESC artifact written by
     ``moecraft craft`` (no training yet) has its own config and base fingerprint, checked by PESC.
     """
+    from moecraft.files import check_complete
     from moecraft.methods import get_method
 
     artifact_dir = Path(artifact_dir)
     if not artifact_dir.is_dir():
         raise MoecraftError(f"artifact folder not found: {artifact_dir}")
+    check_complete(artifact_dir)
     if not (artifact_dir / MANIFEST).is_file():
         from moecraft.pesc.craft import CONFIG as PESC_CONFIG
 

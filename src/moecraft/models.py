@@ -189,6 +189,9 @@ def _load_local(path: Path, dtype: str | torch.dtype, device: str | torch.device
     """Model and tokenizer from an existing local folder; every failure names the folder and what is wrong."""
     if not path.is_dir():
         raise MoecraftError(f"{path} is a file, not a model folder")
+    from moecraft.files import check_complete
+
+    check_complete(path)  # e.g. the temporary folder of a killed merge or export
     if not (path / "config.json").is_file():
         raise MoecraftError(f"{path} is not a model folder (no config.json)")
     try:

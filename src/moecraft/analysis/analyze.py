@@ -36,6 +36,7 @@ class AnalyzeConfig:
                             metadata={"help": "mass shares for the concentration plot"})
     k: int | None = field(default=None, metadata={"help": "top-k for shared experts (default: the model's experts per token)"})
     out: Path = field(default=Path("runs/analysis"), metadata={"help": "output folder (PNGs, analysis.json, report.html)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --out (once the new one is complete)"})
     title: str = field(default="moecraft routing analysis", metadata={"help": "report title"})
 
 
@@ -135,14 +136,21 @@ def analyze(cfg: AnalyzeConfig) -> tuple[dict, list[str]]:
 
 
 def run_analyze(cfg: AnalyzeConfig) -> Path:
-    """Write PNGs, analysis.json, report.html and run_info.json under ``cfg.out``; returns the report path."""
+    """Write PNGs, analysis.json, report.html and run_info.json under ``cfg.out``; returns the report path.
+
+    Written into a temporary sibling of ``cfg.out`` and renamed when complete (:func:`moecraft.files.output_folder`).
+    """
+    from dataclasses import replace
+
+    from moecraft.files import output_folder
     from moecraft.runinfo import write_run_info
 
-    numbers, html = analyze(cfg)
-    out = Path(cfg.out)
-    (out / "analysis.json").write_text(json.dumps(numbers, indent=2) + "\n")
-    report = write_report(out / "report.html", cfg.title, html)
-    write_run_info(out, cfg)
-    return report
+    inputs = [path for _, path in _parse_sources(cfg.scores)] + [cfg.before, cfg.after]
+    with output_folder(cfg.out, inputs=inputs, overwrite=cfg.overwrite) as tmp:
+        numbers, html = analyze(replace(cfg, out=tmp))
+        (tmp / "analysis.json").write_text(json.dumps(numbers, indent=2) + "\n")
+        write_report(tmp / "report.html", cfg.title, html)
+        write_run_info(tmp, cfg)
+    return Path(cfg.out) / "report.html"
 
 

@@ -18,14 +18,18 @@ CONFIG = CraftConfig
 def run(cfg: CraftConfig) -> int:
     if not cfg.output:
         raise MoecraftError("craft: --output (artifact folder) is required")
+    from moecraft.files import output_folder
     from moecraft.runinfo import seed_everything
 
     seed_everything(cfg.seed)
-    model, _ = load_base(cfg)
-    total = sum(p.numel() for p in model.parameters())
-    craft_model(model, cfg)
-    trainable = sum(model.get_parameter(n).numel() for n in mark_trainable(model))
-    out = save_artifact(model, cfg.output, cfg)
+    # written into a temporary sibling and renamed when complete (moecraft.files.output_folder)
+    with output_folder(cfg.output, option="--output", inputs=[cfg.model], overwrite=cfg.overwrite) as tmp:
+        model, _ = load_base(cfg)
+        total = sum(p.numel() for p in model.parameters())
+        craft_model(model, cfg)
+        trainable = sum(model.get_parameter(n).numel() for n in mark_trainable(model))
+        save_artifact(model, tmp, cfg)
+    out = cfg.output
     print(f"crafted {cfg.model}: {cfg.num_experts} {cfg.expert} experts, top-{cfg.top_k}, r={cfg.adapter_dim}; "
           f"{trainable:,} trainable parameters on a {total:,}-parameter base -> {out}")
     return 0

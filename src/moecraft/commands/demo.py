@@ -46,6 +46,7 @@ class DemoConfig:
     data_columns: dict | None = data_option("data_columns")
     roles: dict | None = data_option("roles")
     roles_to_train: list[str] | None = data_option("roles_to_train")
+    overwrite: bool = field(default=False, metadata={"help": "run into a non-empty --out, discarding what is in it"})
 
 
 def _step(n: int, text: str) -> float:
@@ -58,7 +59,21 @@ def _done(t0: float, where) -> None:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    """Run every step; returns the summary that ``out/summary.json`` and ``out/report.html`` show."""
+    """Run every step; returns the summary that ``out/summary.json`` and ``out/report.html`` show.
+
+    ``--out`` is claimed as a long-lived folder (:func:`moecraft.files.run_folder`): refused when not empty
+    unless --overwrite, locked for the whole demo, and marked unfinished until the report is written.
+    """
+    from moecraft.files import run_folder
+
+    inputs = [cfg.moe_model, cfg.dense_model, cfg.data, cfg.eval_data, cfg.second_data]
+    with run_folder(cfg.out, inputs=inputs, overwrite=cfg.overwrite) as folder:
+        summary = _run_demo(cfg, folder)
+        folder.finish()
+    return summary
+
+
+def _run_demo(cfg: DemoConfig, folder) -> dict:
     from moecraft.analysis.analyze import AnalyzeConfig, analyze
     from moecraft.analysis.plots import bar_plot
     from moecraft.analysis.report import image_html, section, table_html, write_report
@@ -75,8 +90,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         raise MoecraftError(f"demo: unknown method(s) {unknown}; choose from esft, fft, lora, pesc")
     start = time.monotonic()
     seed_everything(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = folder.start()
     write_run_info(out, cfg)
     eval_data = cfg.eval_data or (f"{cfg.data}:eval" if cfg.data.startswith("builtin:") and cfg.data.count(":") == 1 else cfg.data)
     dopts = DataOptions.values_of(cfg)  # the data format options go to every step

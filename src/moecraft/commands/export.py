@@ -21,12 +21,14 @@ class ExportConfig:
     model: str | None = field(default=None, metadata={"help": "dense base (default: the one in the artifact)"})
     format: Literal["auto", "mixtral", "custom"] = field(default="auto", metadata={"help": "checkpoint format"})
     dtype: str = field(default="auto", metadata={"help": "base dtype when loading"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --output (once the new one is complete)"})
 
 
 CONFIG = ExportConfig
 
 
 def run(cfg: ExportConfig) -> int:
+    from moecraft.files import output_folder
     from moecraft.models import load_model
     from moecraft.pesc.craft import load_artifact, read_config
     from moecraft.pesc.export import export_model
@@ -36,10 +38,13 @@ def run(cfg: ExportConfig) -> int:
     base = cfg.model or ccfg.model
     if not base:
         raise MoecraftError("export: no --model given and the artifact names no base model")
-    model, tok = load_model(base, dtype=cfg.dtype, seed=ccfg.seed)
-    load_artifact(model, cfg.artifact)
-    out = export_model(model, cfg.output, cfg.format, tokenizer=tok, base=base)
-    write_run_info(out / "moecraft_run_info.json", cfg)
-    remote = (out / "modeling_pesc.py").is_file()
+    # written into a temporary sibling and renamed when complete: a killed export leaves no folder to load
+    with output_folder(cfg.output, option="--output", inputs=[cfg.artifact, base], overwrite=cfg.overwrite) as tmp:
+        model, tok = load_model(base, dtype=cfg.dtype, seed=ccfg.seed)
+        load_artifact(model, cfg.artifact)
+        export_model(model, tmp, cfg.format, tokenizer=tok, base=base)
+        write_run_info(tmp / "moecraft_run_info.json", cfg)
+        remote = (tmp / "modeling_pesc.py").is_file()
+    out = cfg.output
     print(f"exported to {out} ({'custom code: load with trust_remote_code=True' if remote else 'Mixtral'})")
     return 0

@@ -8,6 +8,7 @@ as one user turn unless `--chat false`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from moecraft.errors import MoecraftError
 
@@ -38,6 +39,11 @@ def load_for_generation(cfg: GenerateConfig):
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.trust_remote_code and not cfg.model.startswith("tiny:"):
         from transformers import AutoModelForCausalLM
+
+        from moecraft.files import check_complete
+
+        if Path(cfg.model).is_dir():
+            check_complete(cfg.model)  # e.g. the temporary folder of a killed export
 
         model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=resolve_dtype(cfg.dtype), trust_remote_code=True)
         model, tok = model.to(device).eval(), load_tokenizer(cfg.model, trust_remote_code=True)

@@ -7,10 +7,9 @@ The result loads with AutoModelForCausalLM.from_pretrained(merged/) (and so in v
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from moecraft.artifacts import merge_artifact, read_manifest
-from moecraft.files import check_output_folder
+from moecraft.files import output_folder
 from moecraft.hf_folder import save_model_folder
 from moecraft.models import load_model
 from moecraft.runinfo import write_run_info
@@ -22,6 +21,7 @@ class MergeConfig:
     out: str = field(metadata={"help": "folder for the merged checkpoint"})
     base: str | None = field(default=None, metadata={"help": "base model; default: the one recorded in the artifact"})
     dtype: str = field(default="auto", metadata={"help": "dtype to load the base in (auto, float32, bfloat16)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --out (once the new one is complete)"})
 
 
 CONFIG = MergeConfig
@@ -29,15 +29,17 @@ CONFIG = MergeConfig
 
 def merge(cfg: MergeConfig):
     """Load base + artifact, merge, write ``cfg.out`` in the base's own layout and files
-    (:func:`moecraft.hf_folder.save_model_folder`); returns the merged model."""
+    (:func:`moecraft.hf_folder.save_model_folder`); returns the merged model.
+
+    Written into a temporary sibling of ``cfg.out`` and renamed when complete (:func:`moecraft.files.output_folder`).
+    """
     manifest = read_manifest(cfg.artifact)
-    check_output_folder(cfg.out, "--out")
     base = cfg.base or manifest["base"]
-    model, tokenizer = load_model(base, dtype=cfg.dtype)
-    merged = merge_artifact(model, cfg.artifact)
-    out = Path(cfg.out)
-    save_model_folder(merged, tokenizer, out, base)
-    write_run_info(out, cfg)
+    with output_folder(cfg.out, inputs=[cfg.artifact, base], overwrite=cfg.overwrite) as tmp:
+        model, tokenizer = load_model(base, dtype=cfg.dtype)
+        merged = merge_artifact(model, cfg.artifact)
+        save_model_folder(merged, tokenizer, tmp, base)
+        write_run_info(tmp, cfg)
     return merged
 
 

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from moecraft.errors import MoecraftError
-from moecraft.files import check_output_file, read_json, write_json
+from moecraft.files import output_file, read_json, write_json
 
 FORMAT = "moecraft.expert_config/1"
 # The paper's thresholds: p = 0.1 for the average gate score, p = 0.2 for the token selection ratio.
@@ -45,6 +45,7 @@ class SelectConfig:
     train_non_expert_modules: bool = field(
         default=False, metadata={"help": "also train attention, norms, embeddings (paper §6.3)"})
     out: Path = field(default=Path("experts.json"), metadata={"help": "where to write the expert config"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out file (once the new one is complete)"})
 
 
 def check_p(p: float) -> float:
@@ -183,10 +184,17 @@ class ExpertConfig:
 
 def select_experts(cfg: SelectConfig, scores=None) -> ExpertConfig:
     """``moecraft select``: eq. 8 in every layer; writes ``cfg.out`` (unless empty) and returns the config."""
+    from contextlib import nullcontext
+
+    inputs = [cfg.scores] if scores is None else []
+    claim = output_file(cfg.out, inputs=inputs, overwrite=cfg.overwrite) if cfg.out else nullcontext()
+    with claim:  # checked before any work; the lock is held until the file is written
+        return _select(cfg, scores)
+
+
+def _select(cfg: SelectConfig, scores) -> ExpertConfig:
     from moecraft.esft.stats import ExpertScores
 
-    if cfg.out:
-        check_output_file(cfg.out, "--out")
     scores = scores if scores is not None else ExpertScores.load(cfg.scores)
     p = check_p(cfg.p if cfg.p is not None else DEFAULT_P[cfg.score])
     table = scores.scores(cfg.score)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from moecraft.data.records import DataFormatName, data_option
 from moecraft.errors import MoecraftError
 from moecraft.families import get_family, moe_layers, routing_spec
-from moecraft.files import check_output_file, read_json, write_json
+from moecraft.files import output_file, read_json, write_json
 
 FORMAT = "moecraft.scores/1"
 
@@ -41,6 +41,7 @@ class ScoreConfig:
     model: str = field(default="tiny:deepseek_v2", metadata={"help": "hub id, local folder, or tiny:<family>"})
     data: str = field(default="builtin:intent", metadata={"help": "JSONL file, datasets folder, hub id or builtin:<task>"})
     out: Path = field(default=Path("scores.json"), metadata={"help": "where to write the statistics (JSON)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out file (once the new one is complete)"})
     n_sequences: int = field(default=32, metadata={"help": "number of packed sequences to sample (paper: 32)"})
     seq_len: int = field(default=4096, metadata={"help": "tokens per packed sequence (paper: 4096)"})
     batch_size: int = field(default=1, metadata={"help": "sequences per forward pass"})
@@ -269,14 +270,26 @@ def score_experts(cfg: ScoreConfig, model: nn.Module | None = None, tokenizer=No
 
     Pass an already loaded ``model``/``tokenizer`` to skip loading ``cfg.model``.
     """
+    import os
+    from contextlib import nullcontext
+
+    from moecraft.runinfo import seed_everything
+
+    seed_everything(cfg.seed)
+    writer = int(os.environ.get("RANK", 0)) == 0  # one writer under torchrun; the others only check
+    claim = (output_file(cfg.out, inputs=[cfg.model, cfg.data], overwrite=cfg.overwrite, lock=writer)
+             if cfg.out else nullcontext())
+    with claim:  # checked before any work; the lock is held until the file is written
+        scores = _score(cfg, model, tokenizer)
+    return scores
+
+
+def _score(cfg: ScoreConfig, model: nn.Module | None, tokenizer) -> ExpertScores:
     from moecraft.data import DataOptions, load_records, sample_sequences
     from moecraft.esft.expert_parallel import expert_parallel_config, is_expert_parallel
     from moecraft.models import check_sequence_length, load_model
-    from moecraft.runinfo import run_info, seed_everything
+    from moecraft.runinfo import run_info
 
-    seed_everything(cfg.seed)
-    if cfg.out:
-        check_output_file(cfg.out, "--out")
     if cfg.n_sequences < 1 or cfg.seq_len < 2 or cfg.batch_size < 1:
         raise MoecraftError("n_sequences and batch_size must be >= 1 and seq_len >= 2")
     if cfg.expert_parallel < 1:

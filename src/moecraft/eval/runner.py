@@ -26,6 +26,7 @@ class EvalConfig:
         default_factory=list,
         metadata={"help": f"metrics for every task (empty: chosen per task); any of {list(M.ALL_METRICS)}"})
     out: Path = field(default=Path("runs/eval"), metadata={"help": "output folder (results.json, predictions)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --out (once the new one is complete)"})
     limit: int | None = field(default=None, metadata={"help": "evaluate at most this many rows per task"})
     max_new_tokens: int = field(default=128, metadata={"help": "tokens to generate per prompt"})
     batch_size: int = field(default=8, metadata={"help": "prompts per generation batch (left padded)"})
@@ -114,7 +115,8 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, out: Path | None = None, p
     """Run every task (and perplexity / lm-eval when asked) on an already loaded model.
 
     Returns ``{"tasks": {source: {"metrics": {...}, "n": int}}, "perplexity": {...}?, "lm_eval": {...}?}``;
-    with ``out`` set, predictions go to ``out/predictions-<task>.jsonl``.
+    with ``out`` set, each task's predictions go to ``out/predictions-<task>.jsonl`` (a short hash of the
+    source is added when two tasks share a name), named in the task's ``"predictions"`` entry.
     """
     judge = rubric = None
     if cfg.judge:
@@ -125,6 +127,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, out: Path | None = None, p
 
     # Read and check every input before generating anything: a bad second task or perplexity file must not
     # fail after minutes of generation, with half of the predictions written.
+    names = prediction_names(list(cfg.tasks))
     tasks = []
     for source in cfg.tasks:
         from moecraft.data import DataOptions
@@ -155,12 +158,12 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, out: Path | None = None, p
         summary, per_ex = score_items(items, preds, metrics, cfg.code_timeout, judge, rubric, cfg.unsafe_code_exec)
         results["tasks"][source] = {"metrics": summary, "n": len(items)}
         if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            path = out / f"predictions-{_slug(source)}.jsonl"
-            with path.open("w", encoding="utf-8") as f:
-                for it, p, s in zip(items, preds, per_ex):
-                    f.write(json.dumps({"prompt": it.prompt, "prediction": p, "references": it.references,
-                                        "scores": s}, ensure_ascii=False) + "\n")
+            from moecraft.files import write_text
+
+            results["tasks"][source]["predictions"] = names[source]
+            write_text(out / names[source], "".join(
+                json.dumps({"prompt": it.prompt, "prediction": p, "references": it.references, "scores": s},
+                           ensure_ascii=False) + "\n" for it, p, s in zip(items, preds, per_ex)))
     if ppl_records is not None:
         from moecraft.eval.perplexity import perplexity
 
@@ -178,6 +181,28 @@ def _slug(source: str) -> str:
     import re
 
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source).stem if source.endswith(".jsonl") else source).strip("_")
+
+
+def prediction_names(sources: list[str]) -> dict[str, str]:
+    """A distinct predictions file name per task source: ``predictions-<slug>.jsonl``, plus a short hash of
+    the source when two sources share a slug (``a/eval.jsonl`` and ``b/eval.jsonl``). A source given twice
+    is an error (its results would overwrite each other)."""
+    import hashlib
+    from collections import Counter
+
+    repeated = sorted(s for s, n in Counter(sources).items() if n > 1)
+    if repeated:
+        raise MoecraftError(f"task(s) {repeated} given more than once in --tasks")
+    slugs = Counter(_slug(s).lower() for s in sources)  # lower: case-insensitive file systems
+    names = {}
+    for s in sources:
+        slug = _slug(s)
+        if slugs[slug.lower()] > 1:
+            slug += "-" + hashlib.sha256(s.encode()).hexdigest()[:8]
+        names[s] = f"predictions-{slug}.jsonl"
+    if len({n.lower() for n in names.values()}) < len(names):  # a task literally named like a hashed one
+        names = {s: f"predictions-{i}-{_slug(s)}.jsonl" for i, s in enumerate(sources)}
+    return names
 
 
 def format_table(results: dict, title: str | None = None) -> str:
@@ -211,16 +236,16 @@ def load_for_eval(cfg: EvalConfig):
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Python API of ``moecraft eval``: results dict, also written to ``cfg.out/results.json``."""
-    from moecraft.files import check_output_folder
+    from moecraft.files import output_folder
     from moecraft.runinfo import seed_everything, write_run_info
 
     seed_everything(cfg.seed)
-    check_output_folder(cfg.out, "--out")
-    model, tok = load_for_eval(cfg)
-    out = Path(cfg.out)
-    results = evaluate_model(model, tok, cfg, out)
-    results["model"], results["adapter"] = cfg.model, cfg.adapter
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    write_run_info(out, cfg)
+    inputs = [cfg.model, cfg.adapter, *cfg.tasks, cfg.perplexity_data, cfg.judge_rubric, cfg.lm_eval_include_path]
+    # written into a temporary sibling and renamed when complete (moecraft.files.output_folder)
+    with output_folder(cfg.out, inputs=inputs, overwrite=cfg.overwrite) as tmp:
+        model, tok = load_for_eval(cfg)
+        results = evaluate_model(model, tok, cfg, tmp)
+        results["model"], results["adapter"] = cfg.model, cfg.adapter
+        (tmp / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        write_run_info(tmp, cfg)
     return results

@@ -12,6 +12,7 @@ class CraftConfig:
 
     model: str = field(default="tiny:llama", metadata={"help": "dense base: tiny:<kind>, local folder or hub id"})
     output: str | None = field(default=None, metadata={"help": "artifact folder (routers/adapters + config)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --output (once the new one is complete)"})
     expert: Literal["adapter", "lora"] = field(
         default="adapter",
         metadata={"help": "expert kind: 'adapter' (PESC bottleneck adapters on the shared FFN output; exports "

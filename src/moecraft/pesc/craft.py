@@ -18,7 +18,7 @@ from torch import nn
 from moecraft.artifacts import base_fingerprint, check_base
 from moecraft.config import dump_yaml, load_yaml
 from moecraft.errors import MoecraftError
-from moecraft.files import read_json
+from moecraft.files import check_complete, fix_modes, read_json
 from moecraft.pesc.arch import decoder_layers, dense_arch
 from moecraft.pesc.config import CraftConfig
 from moecraft.pesc.layer import PescMoE
@@ -159,6 +159,7 @@ def save_artifact(model: nn.Module, out_dir: str | Path, cfg: CraftConfig | None
     (out / CONFIG).write_text(dump_yaml(cfg))
     (out / FINGERPRINT).write_text(json.dumps(base_fingerprint(model), indent=2) + "\n")
     write_run_info(out, run_cfg if run_cfg is not None else cfg)
+    fix_modes(out)  # safetensors writes 0600: files as the umask says
     return out
 
 
@@ -166,6 +167,7 @@ def read_config(artifact_dir: str | Path) -> CraftConfig:
     path = Path(artifact_dir) / CONFIG
     if not Path(artifact_dir).is_dir():
         raise MoecraftError(f"artifact folder not found: {artifact_dir}")
+    check_complete(artifact_dir)
     if not path.is_file():
         raise MoecraftError(f"{artifact_dir} is not a PESC artifact (no {CONFIG})")
     return load_yaml(CraftConfig, path)

@@ -85,6 +85,9 @@ def export_model(model: nn.Module, out_dir: str | Path, fmt: Format = "auto", to
         raise MoecraftError(f"unknown export format {fmt!r}; choose auto, mixtral or custom")
     write_legacy_config(out)
     write_tokenizer(tokenizer, out, base)
+    from moecraft.files import fix_modes
+
+    fix_modes(out)  # safetensors writes 0600: files as the umask says
     return out
 
 

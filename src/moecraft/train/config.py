@@ -96,4 +96,6 @@ class TrainConfig:
     save_on_interrupt: Literal["auto", "always", "never"] = field(
         default="auto", metadata=_h("on SIGINT/SIGTERM, after the current step: save a checkpoint (always), only when "
                                     "half a --save-every interval would be lost (auto), or not (never)"))
+    overwrite: bool = field(default=False, metadata=_h("train into a non-empty --out, discarding the run in it "
+                                                       "(once this run's inputs have passed their checks)"))
     progress: bool = field(default=True, metadata=_h("show a progress bar"))

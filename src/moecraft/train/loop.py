@@ -26,7 +26,7 @@ from moecraft.config import dump_yaml
 from moecraft.data import BUILTIN_PREFIX, DataOptions, load_records, mix_sequences, sample_sequences
 from moecraft.errors import MoecraftError
 from moecraft.esft.expert_parallel import clip_grad_norm_ep, expert_parallel_config
-from moecraft.files import check_output_folder
+from moecraft.files import RunFolder, run_folder, write_text
 from moecraft.methods import get_method
 from moecraft.models import check_sequence_length, load_model
 from moecraft.runinfo import seed_everything, write_run_info
@@ -151,8 +151,8 @@ def _check(cfg: TrainConfig) -> None:
 
 
 # settings that may change between a killed run and its --resume; any other change would alter the run
-_RESUMABLE_CHANGES = {"out", "resume", "progress", "log_every", "eval_every", "save_every", "deterministic",
-                      "save_on_interrupt"}
+_RESUMABLE_CHANGES = {"out", "resume", "overwrite", "progress", "log_every", "eval_every", "save_every",
+                      "deterministic", "save_on_interrupt"}
 # paths whose *contents* the checkpoint records (checkpoint.run_inputs): a moved file is the same input, an
 # edited one is not
 _CONTENT_CHECKED = {"data", "eval_data", "mix_data", "experts"}
@@ -201,21 +201,26 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
     Runs on one process or on several (``accelerate launch`` with DDP, FSDP2 or DeepSpeed): each process
     trains on its own micro-batches of the same seeded sequence order. ``stop_after`` stops after that many
     optimiser steps without saving the artifact (a stand-in for a killed run).
+    ``--out`` is claimed first (moecraft.files.run_folder): refused when not empty unless --resume or
+    --overwrite, or when it holds an input; its lock is held by the main process for the whole run.
     """
-    with StopSignals() as stop:  # SIGINT/SIGTERM stop at a step boundary while training
+    inputs = [cfg.model, cfg.data, cfg.eval_data, cfg.mix_data, cfg.experts]
+    # SIGINT/SIGTERM stop at a step boundary while training
+    with run_folder(cfg.out, inputs=inputs, overwrite=cfg.overwrite, resume=cfg.resume,
+                    writer=int(os.environ.get("RANK", 0)) == 0) as folder, StopSignals() as stop:
         if not cfg.deterministic:
-            return _train(cfg, stop_after, stop)
+            return _train(cfg, stop_after, folder, stop)
         # multi-threaded CPU kernels (and CUDA atomics) may sum in any order; this pins them, for this run only
         before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         try:
-            return _train(cfg, stop_after, stop)
+            return _train(cfg, stop_after, folder, stop)
         finally:
             torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
-def _train(cfg: TrainConfig, stop_after: int | None, stop: StopSignals) -> dict:
+def _train(cfg: TrainConfig, stop_after: int | None, folder: RunFolder, stop: StopSignals) -> dict:
     _check(cfg)
     method = get_method(cfg.method)
     accelerator = make_accelerator()
@@ -225,7 +230,6 @@ def _train(cfg: TrainConfig, stop_after: int | None, stop: StopSignals) -> dict:
     deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
     seed_everything(cfg.seed)
     out = Path(cfg.out)
-    check_output_folder(out, "--out")
 
     # expert parallelism: transformers shards the experts (and FSDP2-shards the rest) while loading
     expert_parallel = cfg.expert_parallel > 1
@@ -293,13 +297,14 @@ def _train(cfg: TrainConfig, stop_after: int | None, stop: StopSignals) -> dict:
         restore_optimizer(ckpt, blob, accelerator, model, optimizer, scheduler)
 
     train_seqs, eval_seqs = build_data(cfg, tokenizer, world)
-    out.mkdir(parents=True, exist_ok=True)  # only now: a bad input above leaves nothing behind
+    if main:  # only now: a bad input above leaves nothing behind; marked unfinished until the artifact is written
+        folder.start()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     metrics_path = out / "metrics.jsonl"
     if main:
         kept = resume_metrics(metrics_path, step) if blob is not None else []
-        metrics_path.write_text("".join(ln + "\n" for ln in kept))
-        (out / "train_config.yaml").write_text(dump_yaml(cfg))
+        write_text(metrics_path, "".join(ln + "\n" for ln in kept))
+        write_text(out / "train_config.yaml", dump_yaml(cfg))
         write_run_info(out, cfg)
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.method}", disable=not (cfg.progress and main),
@@ -387,11 +392,13 @@ def _train(cfg: TrainConfig, stop_after: int | None, stop: StopSignals) -> dict:
         if main:
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps({"step": step, "eval_loss": final_eval, "final": True}) + "\n")
+            (out / "artifact.json").unlink(missing_ok=True)  # a resumed finished run: stale until rewritten
             method.save(unwrapped, out, cfg)
             manifest = write_manifest(out, method=cfg.method, base=cfg.model, fingerprint=fingerprint,
                                       extra={"optimizer_parameters": n_opt, "steps": step, "processes": world,
                                              "engine": "EXPERT_PARALLEL" if expert_parallel
                                              else accelerator.distributed_type.name})
+            folder.finish()  # modes as the umask says; the folder is accepted as an artifact from now on
     accelerator.wait_for_everyone()
     summary = {"out": str(out), "steps": step, "train_loss": last.get("loss"), "eval_loss": final_eval,
                "optimizer_parameters": n_opt, "model": unwrapped, "main_process": main,
