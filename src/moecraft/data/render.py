@@ -357,6 +357,9 @@ class _ChatRenderer:
             while start < len(before) and start < end and before[start] == text[start]:
                 start += 1
         content = msgs[k]["content"].strip()
+        if not content and start is not None and start >= end:
+            # no content to find (e.g. a turn of tool calls only): the turn runs to its end-of-turn token
+            return start, start + self._tail(text[start:])
         if start > end or (content and not text[start:end].rstrip().endswith(content[-1])):
             raise DataError(f"{where}: cannot locate messages[{k}] ({role}) in the chat template's rendering; "
                             "the loss mask would be wrong")
