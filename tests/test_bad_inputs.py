@@ -589,3 +589,33 @@ def test_lora_experts_with_dropout(capsys, tmp_path):
                 "--max-steps", "1")
     assert msg.startswith("lora_experts needs lora_dropout 0 (got 0.1)")
     assert files_under(out) == []
+
+
+# ----------------------------------------------------------------------------- 12. chat templates
+def test_chat_template_error_fails_before_the_model_loads(capsys, tmp_path):
+    # a Mixtral folder with the first Mixtral template (no system turn) and no weights: the template error
+    # must come first, as one line, or the weights error would
+    folder = save_tiny(tmp_path / "base", "mixtral")
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    template = Path(__file__).parent / "fixtures" / "chat_templates" / "mixtral_8x7b_instruct_v0_1_original.jinja"
+    (folder / "chat_template.jinja").write_text(template.read_text(encoding="utf-8"), encoding="utf-8")
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    data = write_lines(tmp_path / "d.jsonl", [json.dumps({"messages": chat})] * 3 +
+                       [json.dumps({"messages": [{"role": "system", "content": "be brief"}, *chat]})])
+    rejected = ("the chat template rejects this conversation (roles: system, user, assistant): "
+                "Conversation roles must alternate user/assistant/user/assistant/...")
+    out = tmp_path / "run"
+    msg = fails(capsys, "train", "--model", folder, "--data", data, "--eval-data", data, "--out", out,
+                "--method", "fft", "--seq-len", "64", "--max-steps", "1")
+    assert msg == f"{data}: record 4: {rejected}"
+    assert files_under(out) == []
+    scores = tmp_path / "scores.json"
+    msg = fails(capsys, "score", "--model", folder, "--data", data, "--out", scores, "--n-sequences", "4",
+                "--seq-len", "64")
+    assert msg == f"{data}: record 4: {rejected}"
+    assert not scores.exists()
+    # held-out eval records keep their numbers in the data file
+    msg = fails(capsys, "train", "--model", folder, "--data", data, "--eval-fraction", "0.5", "--out", out,
+                "--method", "fft", "--seq-len", "64", "--max-steps", "1")
+    assert msg == f"{data}: record 4: {rejected}"

@@ -206,3 +206,27 @@ def test_mask_follows_offsets_with_merging_tokens():
     # " Hello" merges into "ĠHell" first; in the second turn "]" and " " merge into one token, which is trained
     assert trained_runs(ids, mask, tok) == [" Hello!</s>", "] 4</s>"]
     assert vocab["]Ġ"] in np.asarray(ids)[np.asarray(mask, bool)]
+
+
+@pytest.mark.parametrize("template, message", [
+    # content written twice: which copy is the turn?
+    ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}|{{ m['content'] }}</s>{% endfor %}",
+     r"^record 1: the chat template renders messages\[1\] \(assistant\) 2 times"),
+    # what follows a message depends on its content (its length here)
+    ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}{{ messages[1]['content'] | length }}",
+     r"^record 1: the chat template renders what follows messages\[1\] \(assistant\) differently"),
+])
+def test_templates_whose_masks_cannot_be_proven_are_errors(template, message):
+    tok = model_tokenizer("mixtral")
+    tok.chat_template = template
+    with pytest.raises(DataError, match=message):
+        render_batch([{"messages": CHAT[:2]}], tok)
+
+
+def test_sentinel_text_in_content_and_missing_template():
+    tok = model_tokenizer("qwen2_5")
+    with pytest.raises(DataError, match=r"^record 1: a message contains moecraft's sentinel text"):
+        render_batch([{"messages": [CHAT[0], {"role": "assistant", "content": "@@MOECRAFT1@@"}]}], tok)
+    tok.chat_template = None
+    with pytest.raises(DataError, match=r"^record 1: cannot apply the chat template: "):
+        render_batch([{"messages": CHAT}], tok)

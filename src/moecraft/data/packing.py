@@ -21,6 +21,10 @@ from moecraft.errors import DataError
 _RENDER_BATCH = 64  # most records per tokenizer call while sampling
 
 
+class NoResponseTokensError(DataError):
+    """The sampled sequences hold no trained token (``--seq-len`` too short for where the responses are)."""
+
+
 class PackedSequences(Sequence):
     """A sequence of ``(input_ids, loss_mask)`` pairs (as lists, like :data:`Example`) held as flat arrays.
 
@@ -106,7 +110,7 @@ def sample_sequences(
     response_only: bool = False,
     repeat: bool = False,
     *,
-    source: str | None = None,
+    source: str | Callable[[int], str] | None = None,
     template_kwargs: dict | None = None,
 ) -> PackedSequences:
     """Seeded shuffle, render, pack; the first ``n_sequences`` chunks (ESFT §3.3 data sampling).
@@ -116,7 +120,8 @@ def sample_sequences(
     Without ``repeat`` each record is used at most once, so short data gives fewer chunks. With ``repeat``
     the records are cycled, each pass in a fresh order drawn from the same seeded generator (the first pass
     is the order without ``repeat``), until exactly ``n_sequences`` chunks are packed. ``source`` names the
-    data in errors; ``template_kwargs`` go to the chat template.
+    data in errors (or is a function giving the name of record ``i``); ``template_kwargs`` go to the chat
+    template.
     """
     return _sample(records, tokenizer, n_sequences, seq_len, seed, response_only, repeat, source,
                    template_kwargs or {})[0]
@@ -130,7 +135,7 @@ def _sample(
     seed: int,
     response_only: bool,
     repeat: bool,
-    source: str | None = None,
+    source: str | Callable[[int], str] | None = None,
     template_kwargs: dict | None = None,
 ) -> tuple[PackedSequences, float]:
     """:func:`sample_sequences` and the number of passes over ``records`` it rendered (1.5 = one and a half)."""
@@ -146,12 +151,16 @@ def _sample(
     total, used = 0, 0  # tokens packed; records used over all passes
     cache: dict[int, ArrayExample] = {}  # a repeated pass renders nothing again
     stats = [0, 0]  # tokens and records rendered, to size the next render call
-    name = f"{source}: " if source else ""
+    if callable(source):
+        name = source
+    else:
+        def name(i: int) -> str:
+            return f"{source}: record {i + 1}" if source else f"record {i + 1}"
 
     def render(todo: list[int]) -> dict[int, ArrayExample]:
         new = [i for i in dict.fromkeys(todo) if i not in cache]
         got = dict(zip(new, render_batch([records[i] for i in new], tokenizer,
-                                         where=[f"{name}record {i + 1}" for i in new], **(template_kwargs or {}))))
+                                         where=[name(i) for i in new], **(template_kwargs or {}))))
         stats[0] += sum(len(x) for x, _ in got.values())
         stats[1] += len(got)
         if repeat:  # only a later pass reads them again
@@ -189,7 +198,7 @@ def _sample(
         ids, mask = ids[:total].copy(), mask[:total].copy()
     chunks = PackedSequences.chunked(ids[:total], mask[:total], seq_len)
     if response_only and not mask[:total].any():
-        raise DataError(
+        raise NoResponseTokensError(
             f"the {len(chunks)} sampled sequence(s) of {seq_len} tokens hold no response tokens (the loss would "
             "be empty): use a longer --seq-len, or data with responses (chat assistant turns, 'response', 'text')"
         )
@@ -207,7 +216,7 @@ def mix_sequences(
     response_only: bool = True,
     log: Callable[[str], None] | None = print,
     *,
-    sources: tuple[str | None, str | None] = (None, None),
+    sources: tuple[str | Callable[[int], str] | None, str | Callable[[int], str] | None] = (None, None),
     template_kwargs: dict | None = None,
 ) -> PackedSequences:
     """``n_sequences`` training sequences, ``round(n_sequences * mix_ratio)`` of them from ``mix_records`` (the

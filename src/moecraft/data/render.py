@@ -25,6 +25,7 @@ import json
 import re
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
@@ -49,14 +50,17 @@ def trained(message: dict) -> bool:
     return bool(message.get("weight", 1 if message["role"] == "assistant" else 0))
 
 
-def render_prompt(record: dict, tokenizer: PreTrainedTokenizerBase, **template_kwargs) -> str:
-    """The text a model should continue: chat template up to the last assistant turn, or the raw prompt."""
+def render_prompt(record: dict, tokenizer: PreTrainedTokenizerBase, *, where: str | None = None,
+                  **template_kwargs) -> str:
+    """The text a model should continue: chat template up to the last assistant turn, or the raw prompt.
+
+    ``where`` names the record in errors."""
     kind = record_kind(record)
     if kind == "chat":
         msgs = record["messages"]
         if msgs[-1]["role"] == "assistant":
             msgs = msgs[:-1]
-        return _apply(tokenizer, msgs, True, record.get("tools"), template_kwargs, None)
+        return _apply(tokenizer, msgs, True, record.get("tools"), template_kwargs, where)
     if kind == "pair" or "prompt" in record:
         return record["prompt"]
     raise DataError(f"record with fields {sorted(record)} has no prompt to generate from")
@@ -376,3 +380,17 @@ def _renderer(tokenizer: PreTrainedTokenizerBase, template_kwargs: dict) -> _Cha
     if key not in per_tok:
         per_tok[key] = _ChatRenderer(tokenizer, template_kwargs)
     return per_tok[key]
+
+
+def early_tokenizer(model: str) -> PreTrainedTokenizerBase | None:
+    """The tokenizer of ``model`` without its weights, so data can be rendered (and its errors raised) before
+    the model loads; ``None`` when that fails, leaving the error to the model loader, which names it better."""
+    from moecraft.models import TINY_PREFIX, load_tokenizer
+
+    path = Path(model).expanduser()
+    if not model.startswith(TINY_PREFIX) and not (path / "config.json").is_file():
+        return None  # hub ids and bad paths: the loader checks them first
+    try:
+        return load_tokenizer(model)
+    except Exception:  # noqa: BLE001 - any failure here is reported by load_model with the folder named
+        return None

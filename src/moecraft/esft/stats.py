@@ -17,6 +17,7 @@ a fixed size ``[layers, experts]``, so memory does not grow with the number of t
 
 from __future__ import annotations
 
+from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -262,6 +263,8 @@ def score_experts(cfg: ScoreConfig, model: nn.Module | None = None, tokenizer=No
     Pass an already loaded ``model``/``tokenizer`` to skip loading ``cfg.model``.
     """
     from moecraft.data import load_records, sample_sequences
+    from moecraft.data.packing import NoResponseTokensError
+    from moecraft.data.render import early_tokenizer
     from moecraft.esft.expert_parallel import expert_parallel_config, is_expert_parallel
     from moecraft.models import check_sequence_length, load_model
     from moecraft.runinfo import run_info, seed_everything
@@ -279,7 +282,15 @@ def score_experts(cfg: ScoreConfig, model: nn.Module | None = None, tokenizer=No
 
         sharding["distributed_config"] = expert_parallel_config(cfg.expert_parallel,
                                                                 int(os.environ.get("WORLD_SIZE", 1)))
+    sequences = None
     if model is None or tokenizer is None:
+        # data first: bad records and chat template errors fail before the model loads
+        early = early_tokenizer(cfg.model)
+        if early is not None:
+            records = load_records(cfg.data, limit=cfg.limit)
+            with suppress(NoResponseTokensError):  # reported after the model checks, as before
+                sequences = sample_sequences(records, early, cfg.n_sequences, cfg.seq_len, cfg.seed,
+                                             cfg.response_only, source=cfg.data)
         # cfg.seed drives the data sample only: the model (tiny:<family> included) is the same for every seed
         model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device), **sharding)
     process = (0, 1)
@@ -287,10 +298,12 @@ def score_experts(cfg: ScoreConfig, model: nn.Module | None = None, tokenizer=No
         import torch.distributed as dist
 
         process = (dist.get_rank(), dist.get_world_size())
-    get_family(model)  # unsupported models fail before any data work
+    get_family(model)  # unsupported models fail before any scoring work
     check_sequence_length(model, cfg.seq_len)
-    records = load_records(cfg.data, limit=cfg.limit)
-    sequences = sample_sequences(records, tokenizer, cfg.n_sequences, cfg.seq_len, cfg.seed, cfg.response_only)
+    if sequences is None:
+        records = load_records(cfg.data, limit=cfg.limit)
+        sequences = sample_sequences(records, tokenizer, cfg.n_sequences, cfg.seq_len, cfg.seed, cfg.response_only,
+                                     source=cfg.data)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores = collect_router_stats(model, sequences, cfg.batch_size, pad, model_name=cfg.model, process=process)
     scores.meta = {"data": cfg.data, "n_sequences": len(sequences), **run_info(cfg)}

@@ -199,6 +199,11 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     seed_everything(cfg.seed)
     check_output_folder(cfg.out, "--out")
+    from moecraft.data.render import early_tokenizer
+
+    early = early_tokenizer(cfg.model)
+    for source in cfg.tasks if early is not None else ():  # bad rows and chat template errors: before the model
+        load_items(source, early, cfg.limit, cfg.chat_template)
     model, tok = load_for_eval(cfg)
     out = Path(cfg.out)
     results = evaluate_model(model, tok, cfg, out)
