@@ -118,11 +118,66 @@ def render_batch(records: list[dict], tokenizer: PreTrainedTokenizerBase, *, whe
 
 
 # ----------------------------------------------------------------------------- tokenization
+_PIECE = 1 << 16  # characters per tokenizer call when a long text is cut into pieces
+
+
 def _ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[np.ndarray]:
+    """Token ids of each text (no special tokens added). A text much longer than ``_PIECE`` is tokenized in
+    pieces cut where the tokenizer provably splits anyway (:func:`_cuts`): a single 50 MB text would take
+    minutes and GBs in one call, as one pre-token, or with per-token offsets held for all of it."""
     backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
-    if backend is not None:
-        return [np.asarray(e.ids, dtype=np.int32) for e in backend.encode_batch(texts, add_special_tokens=False)]
-    return [np.asarray(_encode(tokenizer, t), dtype=np.int32) for t in texts]
+    if backend is None:
+        return [np.asarray(_encode(tokenizer, t), dtype=np.int32) for t in texts]
+    pieces, owner = [], []
+    for j, t in enumerate(texts):
+        cuts = _cuts(tokenizer, t) if len(t) > 2 * _PIECE else []
+        for a, b in zip([0, *cuts], [*cuts, len(t)]):
+            pieces.append(t[a:b])
+            owner.append(j)
+    out: list[list[np.ndarray]] = [[] for _ in texts]
+    for b in range(0, len(pieces), 256):  # bounded batches: the Encodings of a batch are held at once
+        for j, e in zip(owner[b:b + 256], backend.encode_batch(pieces[b:b + 256], add_special_tokens=False)):
+            out[j].append(np.asarray(e.ids, dtype=np.int32))
+    return [x[0] if len(x) == 1 else np.concatenate(x) if x else np.zeros(0, np.int32) for x in out]
+
+
+_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cuts(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Positions about every ``_PIECE`` characters, each before a space that follows an ASCII letter or digit,
+    where tokenizing the pieces apart gives the same tokens as the whole: the tokenizer has no merges (a
+    byte/char vocabulary), or its pre-tokenizer splits there (checked on the text around each cut)."""
+    if tokenizer not in _SPLITS:
+        backend = tokenizer.backend_tokenizer
+        model = json.loads(backend.to_str()).get("model", {})
+        if model.get("type") == "BPE" and not model.get("merges"):
+            _SPLITS[tokenizer] = "anywhere"
+        elif backend.pre_tokenizer is not None and len(backend.pre_tokenizer.pre_tokenize_str("ab cd ef")) >= 3:
+            _SPLITS[tokenizer] = "pre-tokens"
+        else:
+            _SPLITS[tokenizer] = "never"
+    how = _SPLITS[tokenizer]
+    if how == "never":
+        return []
+    pre = tokenizer.backend_tokenizer.pre_tokenizer
+    cuts, pos = [], _PIECE
+    while pos < len(text) - _PIECE:
+        i = text.find(" ", pos, pos + _PIECE)
+        while i > 0 and not (text[i - 1].isascii() and text[i - 1].isalnum() and text[i + 1: i + 2].isascii()
+                             and text[i + 1: i + 2].isalnum()):
+            i = text.find(" ", i + 1, pos + _PIECE)
+        if i <= 0:
+            pos += _PIECE
+            continue
+        if how == "pre-tokens":  # a pre-token must start at the cut (local context decides the split)
+            window = text[i - 32: i + 32]
+            if not any(start == 32 for _, (start, _) in pre.pre_tokenize_str(window)):
+                pos = i + 1
+                continue
+        cuts.append(i)
+        pos = i + _PIECE
+    return cuts
 
 
 def _masked(tokenizer: PreTrainedTokenizerBase, items: list[tuple[str, list[tuple[int, int]]]]) -> list[ArrayExample]:
