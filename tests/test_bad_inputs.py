@@ -619,3 +619,14 @@ def test_chat_template_error_fails_before_the_model_loads(capsys, tmp_path):
     msg = fails(capsys, "train", "--model", folder, "--data", data, "--eval-fraction", "0.5", "--out", out,
                 "--method", "fft", "--seq-len", "64", "--max-steps", "1")
     assert msg == f"{data}: record 4: {rejected}"
+
+
+def test_chat_template_kwargs_not_a_json_object(capsys, tmp_path):
+    out = tmp_path / "run"
+    msg = fails(capsys, "train", "--model", "tiny:qwen3_moe", "--data", "builtin:intent", "--out", out,
+                "--method", "fft", "--max-steps", "1", "--chat-template-kwargs", "enable_thinking=false")
+    assert msg == ("option 'chat_template_kwargs' expects a JSON object such as '{\"enable_thinking\": false}', "
+                   "got 'enable_thinking=false'")
+    assert files_under(out) == []
+    assert fails(capsys, *SCORE, "--chat-template-kwargs", "[1]").startswith(
+        "option 'chat_template_kwargs' expects a JSON object")

@@ -230,3 +230,24 @@ def test_sentinel_text_in_content_and_missing_template():
     tok.chat_template = None
     with pytest.raises(DataError, match=r"^record 1: cannot apply the chat template: "):
         render_batch([{"messages": CHAT}], tok)
+
+
+def test_template_options_reach_the_training_data(tmp_path):
+    import json
+
+    from moecraft.train.config import TrainConfig
+    from moecraft.train.loop import build_data
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [SYSTEM, *CHAT]}) + "\n" for _ in range(4)))
+    tok = model_tokenizer("qwen3")
+    runs = {}
+    for options in (None, '{"enable_thinking": false}', "{'enable_thinking': False}"):  # JSON, or a YAML mapping
+        cfg = TrainConfig(model="tiny:qwen3_moe", data=str(data), eval_data=str(data), out=str(tmp_path / "o"),
+                          seq_len=128, max_steps=1, eval_sequences=1, chat_template_kwargs=options)
+        _, evals = build_data(cfg, tok)
+        runs[options] = trained_runs(*evals[0], tok)
+    assert "<think>\n\n</think>\n\n4<|im_end|>" in runs[None]
+    assert "4<|im_end|>" in runs['{"enable_thinking": false}'] and not any("think" in r for r in runs[
+        '{"enable_thinking": false}'])
+    assert runs['{"enable_thinking": false}'] == runs["{'enable_thinking': False}"]

@@ -437,6 +437,27 @@ def _renderer(tokenizer: PreTrainedTokenizerBase, template_kwargs: dict) -> _Cha
     return per_tok[key]
 
 
+def template_options(text: str | None) -> dict:
+    """``--chat-template-kwargs``: a JSON object (a YAML mapping arrives as its Python text) -> dict."""
+    import ast
+
+    from moecraft.config import ConfigError
+
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = None
+    if not isinstance(value, dict):
+        raise ConfigError(f"option 'chat_template_kwargs' expects a JSON object such as "
+                          f"'{{\"enable_thinking\": false}}', got {text!r}")
+    return value
+
+
 def early_tokenizer(model: str) -> PreTrainedTokenizerBase | None:
     """The tokenizer of ``model`` without its weights, so data can be rendered (and its errors raised) before
     the model loads; ``None`` when that fails, leaving the error to the model loader, which names it better."""

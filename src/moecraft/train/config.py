@@ -50,6 +50,8 @@ class TrainConfig:
     mix_ratio: float = field(default=0.5, metadata=_h("share of training sequences from --mix-data (paper 1:1 = 0.5)"))
     max_records: int | None = field(default=None, metadata=_h("use at most this many records per data set"))
     seq_len: int = field(default=4096, metadata=_h("packed sequence length (paper 4096)"))
+    chat_template_kwargs: str | None = field(default=None, metadata=_h(
+        'JSON object of chat template options for every data set, e.g. \'{"enable_thinking": false}\''))
     # --- optimisation
     max_steps: int = field(default=500, metadata=_h("optimiser steps"))
     batch_size: int = field(default=1, metadata=_h("sequences per micro-batch"))

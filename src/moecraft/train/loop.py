@@ -25,7 +25,7 @@ from moecraft.artifacts import base_fingerprint, model_bytes, write_manifest
 from moecraft.config import dump_yaml
 from moecraft.data import BUILTIN_PREFIX, load_records, mix_sequences, sample_sequences
 from moecraft.data.packing import NoResponseTokensError
-from moecraft.data.render import early_tokenizer
+from moecraft.data.render import early_tokenizer, template_options
 from moecraft.errors import MoecraftError
 from moecraft.esft.expert_parallel import clip_grad_norm_ep, expert_parallel_config
 from moecraft.files import check_output_folder
@@ -85,10 +85,11 @@ def build_data(cfg: TrainConfig, tokenizer, num_processes: int = 1) -> tuple[lis
         def eval_name(i: int) -> str:
             return f"{cfg.data}: record {order[i] + 1}"
     mix_records = load_records(cfg.mix_data, limit=cfg.max_records) if cfg.mix_data else []  # checked even if unused
+    options = template_options(cfg.chat_template_kwargs)
     train = mix_sequences(records, mix_records, tokenizer, n_train, cfg.mix_ratio, cfg.seq_len, cfg.seed,
-                          sources=(train_name, cfg.mix_data))
+                          sources=(train_name, cfg.mix_data), template_kwargs=options)
     evals = sample_sequences(eval_records, tokenizer, cfg.eval_sequences, cfg.seq_len, cfg.seed, response_only=True,
-                             source=eval_name)
+                             source=eval_name, template_kwargs=options)
     return train, evals
 
 
