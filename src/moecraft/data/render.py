@@ -320,6 +320,8 @@ class _ChatRenderer:
         shape = [{k: v for k, v in m.items() if k != "content"} for m in msgs]
         key = json.dumps([shape, tools], sort_keys=True, default=str)
         if key not in self.skeletons:
+            if len(self.skeletons) >= 4096:  # records of many shapes (tool calls): keep memory bounded
+                self.skeletons.clear()
             self.skeletons[key] = self._skeleton(msgs, tools, want)
         sk = self.skeletons[key]
         if sk is None:
