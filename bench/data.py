@@ -176,6 +176,7 @@ def main() -> None:
                     help="chat corpus size for the old pipeline, the bare tokenizer and a second new run")
     ap.add_argument("--pack-tokens", type=float, default=10e6, help="one-record packing, new")
     ap.add_argument("--old-pack-tokens", type=float, default=1e6, help="one-record packing, old (quadratic)")
+    ap.add_argument("--rows", help="run only these rows of the table, e.g. 1,4 (default: all)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--tmp", help=argparse.SUPPRESS)
@@ -192,12 +193,12 @@ def main() -> None:
         chars = sum(map(len, texts))
         toks = sum(len(e.ids) for e in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False))
         (folder / "cpt.json").write_text(json.dumps({"chars_per_token": chars / toks}))
-        rows = [spawn("bare", args.old_tokens, folder, folder), spawn("render", args.old_tokens, folder, folder),
-                spawn("old", args.old_tokens, folder, folder), spawn("new", args.old_tokens, folder, folder),
-                spawn("new", args.tokens, folder, folder),
-                spawn("pack-new", args.pack_tokens, folder, folder), spawn("pack-sample", args.pack_tokens, folder, folder),
-                spawn("pack-new", args.old_pack_tokens, folder, folder),
-                spawn("pack-old", args.old_pack_tokens, folder, folder)]
+        plan = [("bare", args.old_tokens), ("render", args.old_tokens), ("old", args.old_tokens),
+                ("new", args.old_tokens), ("new", args.tokens), ("pack-new", args.pack_tokens),
+                ("pack-sample", args.pack_tokens), ("pack-new", args.old_pack_tokens),
+                ("pack-old", args.old_pack_tokens)]
+        only = args.rows.split(",") if args.rows else None
+        rows = [spawn(what, n, folder, folder) for j, (what, n) in enumerate(plan) if only is None or str(j + 1) in only]
     print("\n| run | tokens | s | tokens/s | peak RSS MB | of which corpus |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['what']} | {r['tokens']:,} | {r['seconds']:.1f} | {r['tokens_per_s']:,.0f} | "
