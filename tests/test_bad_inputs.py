@@ -679,3 +679,43 @@ def test_folder_with_files_of_several_splits(capsys, tmp_path):
     assert fails(capsys, "data", "--data", tmp_path) == \
         f"{tmp_path}: holds files of several splits (test, train); give one split's file or folder"
     assert main(["data", "--data", str(tmp_path / "data" / "train-00000-of-00001.jsonl"), "--examples", "0"]) == 0
+
+# ----------------------------------------------------------------------------- 12. chat templates
+def test_chat_template_error_fails_before_the_model_loads(capsys, tmp_path):
+    # a Mixtral folder with the first Mixtral template (no system turn) and no weights: the template error
+    # must come first, as one line, or the weights error would
+    folder = save_tiny(tmp_path / "base", "mixtral")
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    template = Path(__file__).parent / "fixtures" / "chat_templates" / "mixtral_8x7b_instruct_v0_1_original.jinja"
+    (folder / "chat_template.jinja").write_text(template.read_text(encoding="utf-8"), encoding="utf-8")
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    data = write_lines(tmp_path / "d.jsonl", [json.dumps({"messages": chat})] * 3 +
+                       [json.dumps({"messages": [{"role": "system", "content": "be brief"}, *chat]})])
+    rejected = ("the chat template rejects this conversation (roles: system, user, assistant): "
+                "Conversation roles must alternate user/assistant/user/assistant/...")
+    out = tmp_path / "run"
+    msg = fails(capsys, "train", "--model", folder, "--data", data, "--eval-data", data, "--out", out,
+                "--method", "fft", "--seq-len", "64", "--max-steps", "1")
+    assert msg == f"{data}: record 4: {rejected}"
+    assert files_under(out) == []
+    scores = tmp_path / "scores.json"
+    msg = fails(capsys, "score", "--model", folder, "--data", data, "--out", scores, "--n-sequences", "4",
+                "--seq-len", "64")
+    assert msg == f"{data}: record 4: {rejected}"
+    assert not scores.exists()
+    # held-out eval records keep their numbers in the data file
+    msg = fails(capsys, "train", "--model", folder, "--data", data, "--eval-fraction", "0.5", "--out", out,
+                "--method", "fft", "--seq-len", "64", "--max-steps", "1")
+    assert msg == f"{data}: record 4: {rejected}"
+
+
+def test_chat_template_kwargs_not_a_json_object(capsys, tmp_path):
+    out = tmp_path / "run"
+    msg = fails(capsys, "train", "--model", "tiny:qwen3_moe", "--data", "builtin:intent", "--out", out,
+                "--method", "fft", "--max-steps", "1", "--chat-template-kwargs", "enable_thinking=false")
+    assert msg == ("option 'chat_template_kwargs' expects a JSON object such as '{\"enable_thinking\": false}', "
+                   "got 'enable_thinking=false'")
+    assert files_under(out) == []
+    assert fails(capsys, *SCORE, "--chat-template-kwargs", "[1]").startswith(
+        "option 'chat_template_kwargs' expects a JSON object")

@@ -1,7 +1,7 @@
 """Task data: reading records (:mod:`.records`), rendering them to ids and loss masks (:mod:`.render`),
 packing them into training sequences (:mod:`.packing`)."""
 
-from moecraft.data.packing import mix_sequences, pack_sequences, sample_sequences
+from moecraft.data.packing import PackedSequences, mix_sequences, pack_sequences, sample_sequences
 from moecraft.data.records import (
     BUILTIN_PREFIX,
     FORMATS,
@@ -16,7 +16,7 @@ from moecraft.data.records import (
     record_kind,
     to_canonical,
 )
-from moecraft.data.render import Example, render_example, render_prompt
+from moecraft.data.render import ArrayExample, Example, render_batch, render_example, render_prompt
 
 __all__ = [
     "BUILTIN_PREFIX",
@@ -37,4 +37,7 @@ __all__ = [
     "read_records",
     "read_rows",
     "to_canonical",
+    "ArrayExample",
+    "PackedSequences",
+    "render_batch",
 ]

@@ -17,6 +17,7 @@ a fixed size ``[layers, experts]``, so memory does not grow with the number of t
 
 from __future__ import annotations
 
+from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -47,6 +48,8 @@ class ScoreConfig:
     batch_size: int = field(default=1, metadata={"help": "sequences per forward pass"})
     seed: int = field(default=0, metadata={"help": "seed of the sample shuffle"})
     response_only: bool = field(default=False, metadata={"help": "count only response tokens"})
+    chat_template_kwargs: str | None = field(default=None, metadata={
+        "help": 'JSON object of chat template options, e.g. \'{"enable_thinking": false}\''})
     dtype: str = field(default="auto", metadata={"help": "model dtype: auto, bfloat16, float32, ..."})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda, cuda:1, ..."})
     limit: int | None = field(default=None, metadata={"help": "read at most this many records"})
@@ -286,6 +289,8 @@ def score_experts(cfg: ScoreConfig, model: nn.Module | None = None, tokenizer=No
 
 def _score(cfg: ScoreConfig, model: nn.Module | None, tokenizer) -> ExpertScores:
     from moecraft.data import DataOptions, load_records, sample_sequences
+    from moecraft.data.packing import NoResponseTokensError
+    from moecraft.data.render import early_tokenizer, template_options
     from moecraft.esft.expert_parallel import expert_parallel_config, is_expert_parallel
     from moecraft.models import check_sequence_length, load_model
     from moecraft.runinfo import run_info
@@ -300,7 +305,15 @@ def _score(cfg: ScoreConfig, model: nn.Module | None, tokenizer) -> ExpertScores
 
         sharding["distributed_config"] = expert_parallel_config(cfg.expert_parallel,
                                                                 int(os.environ.get("WORLD_SIZE", 1)))
+    sequences, options = None, template_options(cfg.chat_template_kwargs)
     if model is None or tokenizer is None:
+        # data first: bad records and chat template errors fail before the model loads
+        early = early_tokenizer(cfg.model)
+        if early is not None:
+            records = load_records(cfg.data, limit=cfg.limit, options=DataOptions.from_config(cfg))
+            with suppress(NoResponseTokensError):  # reported after the model checks, as before
+                sequences = sample_sequences(records, early, cfg.n_sequences, cfg.seq_len, cfg.seed,
+                                             cfg.response_only, source=cfg.data, template_kwargs=options)
         # cfg.seed drives the data sample only: the model (tiny:<family> included) is the same for every seed
         model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device), **sharding)
     process = (0, 1)
@@ -308,10 +321,12 @@ def _score(cfg: ScoreConfig, model: nn.Module | None, tokenizer) -> ExpertScores
         import torch.distributed as dist
 
         process = (dist.get_rank(), dist.get_world_size())
-    get_family(model)  # unsupported models fail before any data work
+    get_family(model)  # unsupported models fail before any scoring work
     check_sequence_length(model, cfg.seq_len)
-    records = load_records(cfg.data, limit=cfg.limit, options=DataOptions.from_config(cfg))
-    sequences = sample_sequences(records, tokenizer, cfg.n_sequences, cfg.seq_len, cfg.seed, cfg.response_only)
+    if sequences is None:
+        records = load_records(cfg.data, limit=cfg.limit, options=DataOptions.from_config(cfg))
+        sequences = sample_sequences(records, tokenizer, cfg.n_sequences, cfg.seq_len, cfg.seed, cfg.response_only,
+                                     source=cfg.data, template_kwargs=options)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores = collect_router_stats(model, sequences, cfg.batch_size, pad, model_name=cfg.model, process=process)
     scores.meta = {"data": cfg.data, "n_sequences": len(sequences), **run_info(cfg)}

@@ -243,6 +243,12 @@ def run_eval(cfg: EvalConfig) -> dict:
     inputs = [cfg.model, cfg.adapter, *cfg.tasks, cfg.perplexity_data, cfg.judge_rubric, cfg.lm_eval_include_path]
     # written into a temporary sibling and renamed when complete (moecraft.files.output_folder)
     with output_folder(cfg.out, inputs=inputs, overwrite=cfg.overwrite) as tmp:
+        from moecraft.data import DataOptions
+        from moecraft.data.render import early_tokenizer
+
+        early = early_tokenizer(cfg.model)
+        for source in cfg.tasks if early is not None else ():  # bad rows and chat template errors: before the model
+            load_items(source, early, cfg.limit, cfg.chat_template, DataOptions.from_config(cfg))
         model, tok = load_for_eval(cfg)
         results = evaluate_model(model, tok, cfg, tmp)
         results["model"], results["adapter"] = cfg.model, cfg.adapter

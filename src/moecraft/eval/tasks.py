@@ -86,13 +86,11 @@ def to_item(row: dict, tokenizer, where: str, chat_template: bool = False) -> Ev
             raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
         if refs is None and msgs[-1].get("role") == "assistant":
             refs = [msgs[-1]["content"]]
-        prompt = render_prompt({"messages": msgs}, tokenizer)
+        prompt = render_prompt({"messages": msgs}, tokenizer, where=where)
     elif isinstance(row.get("prompt"), str):
         prompt = row["prompt"]
         if chat_template:
-            prompt = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
+            prompt = render_prompt({"messages": [{"role": "user", "content": prompt}]}, tokenizer, where=where)
     else:
         raise DataError(f"{where}: eval row needs 'messages' or 'prompt'; got fields {sorted(row)}")
     if refs is None and not code:

@@ -65,6 +65,8 @@ class TrainConfig:
     roles: dict | None = data_option("roles")
     roles_to_train: list[str] | None = data_option("roles_to_train")
     seq_len: int = field(default=4096, metadata=_h("packed sequence length (paper 4096)"))
+    chat_template_kwargs: str | None = field(default=None, metadata=_h(
+        'JSON object of chat template options for every data set, e.g. \'{"enable_thinking": false}\''))
     # --- optimisation
     max_steps: int = field(default=500, metadata=_h("optimiser steps"))
     batch_size: int = field(default=1, metadata=_h("sequences per micro-batch"))

@@ -14,7 +14,7 @@ import os
 import random
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 from moecraft.artifacts import base_fingerprint, model_bytes, write_manifest
 from moecraft.config import dump_yaml
 from moecraft.data import BUILTIN_PREFIX, DataOptions, load_records, mix_sequences, sample_sequences
+from moecraft.data.packing import NoResponseTokensError
+from moecraft.data.render import early_tokenizer, template_options
 from moecraft.errors import MoecraftError
 from moecraft.esft.expert_parallel import clip_grad_norm_ep, expert_parallel_config
 from moecraft.files import RunFolder, run_folder, write_text
@@ -83,6 +85,7 @@ def build_data(cfg: TrainConfig, tokenizer, num_processes: int = 1) -> tuple[lis
     opts = DataOptions.from_config(cfg)  # one set of format options for every data source of the run
     records = load_records(cfg.data, limit=cfg.max_records, options=opts)
     eval_src = _eval_source(cfg)
+    train_name, eval_name = cfg.data, eval_src  # how errors name a record
     if eval_src:
         eval_records = load_records(eval_src, limit=cfg.max_records, options=opts)
     else:  # hold out a seeded share of the training records
@@ -93,9 +96,18 @@ def build_data(cfg: TrainConfig, tokenizer, num_processes: int = 1) -> tuple[lis
             raise MoecraftError(f"{cfg.data}: too few records to hold out an eval split; give --eval-data")
         eval_records = [records[i] for i in order[:n_eval]]
         records = [records[i] for i in order[n_eval:]]
+
+        def train_name(i: int) -> str:
+            return f"{cfg.data}: record {order[n_eval + i] + 1}"
+
+        def eval_name(i: int) -> str:
+            return f"{cfg.data}: record {order[i] + 1}"
     mix_records = load_records(cfg.mix_data, limit=cfg.max_records, options=opts) if cfg.mix_data else []  # checked even if unused
-    train = mix_sequences(records, mix_records, tokenizer, n_train, cfg.mix_ratio, cfg.seq_len, cfg.seed)
-    evals = sample_sequences(eval_records, tokenizer, cfg.eval_sequences, cfg.seq_len, cfg.seed, response_only=True)
+    options = template_options(cfg.chat_template_kwargs)
+    train = mix_sequences(records, mix_records, tokenizer, n_train, cfg.mix_ratio, cfg.seq_len, cfg.seed,
+                          sources=(train_name, cfg.mix_data), template_kwargs=options)
+    evals = sample_sequences(eval_records, tokenizer, cfg.eval_sequences, cfg.seq_len, cfg.seed, response_only=True,
+                             source=eval_name, template_kwargs=options)
     return train, evals
 
 
@@ -236,11 +248,15 @@ def _train(cfg: TrainConfig, stop_after: int | None, folder: RunFolder, stop: St
     if expert_parallel and accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
         raise MoecraftError("--expert-parallel runs on transformers' own FSDP2 + expert-parallel plan; launch it "
                             "with torchrun or a plain multi-process accelerate config, not FSDP or DeepSpeed")
+    ep_config = expert_parallel_config(cfg.expert_parallel, world) if expert_parallel else None
+    # data next: bad records and chat template errors fail in seconds, before the model loads
+    data, early = None, early_tokenizer(cfg.model)
+    with suppress(NoResponseTokensError):  # that one is reported after the model checks, as before
+        data = build_data(cfg, early, world) if early is not None else None
     if hasattr(method, "load_base"):  # e.g. PESC loads a 4-bit QLoRA base where CUDA + bitsandbytes allow
         model, tokenizer = method.load_base(cfg, device)
     elif expert_parallel:
-        model, tokenizer = load_model(cfg.model, dtype=_resolve_dtype(cfg, device),
-                                      distributed_config=expert_parallel_config(cfg.expert_parallel, world))
+        model, tokenizer = load_model(cfg.model, dtype=_resolve_dtype(cfg, device), distributed_config=ep_config)
     else:
         model, tokenizer = load_model(cfg.model, dtype=_resolve_dtype(cfg, device))
     check_sequence_length(model, cfg.seq_len)
@@ -296,7 +312,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, folder: RunFolder, stop: St
     if blob is not None:
         restore_optimizer(ckpt, blob, accelerator, model, optimizer, scheduler)
 
-    train_seqs, eval_seqs = build_data(cfg, tokenizer, world)
+    train_seqs, eval_seqs = data if data is not None else build_data(cfg, tokenizer, world)
     if main:  # only now: a bad input above leaves nothing behind; marked unfinished until the artifact is written
         folder.start()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
