@@ -44,8 +44,8 @@ def test_counts_match_an_independent_byte_count(tmp_path, tok):
     chat = tok.apply_chat_template([{"role": "user", "content": "Add\n2+2"}, {"role": "assistant", "content": "4"}],
                                    tokenize=False)
     user_only = tok.apply_chat_template(USER_ONLY["messages"], tokenize=False)
-    tokens = [len(TEXT.encode()) + 1, len("2+2=4") + 1, _n_tokens(chat),
-              _n_tokens(user_only) + (0 if user_only.endswith("<|eos|>") else 1)]
+    # chat records get nothing the template did not render (no EOS appended); text and pairs end with one
+    tokens = [len(TEXT.encode()) + 1, len("2+2=4") + 1, _n_tokens(chat), _n_tokens(user_only)]
     trained = [len(TEXT.encode()) + 1, 2, _n_tokens(" 4<|eos|>"), 0]  # text all; response + eos; the turn
     assert chat.endswith("Assistant: 4<|eos|>")
     assert stats["formats"] == {"text": 1, "prompt_completion": 1, "alpaca": 1, "openai": 1}
@@ -103,8 +103,6 @@ def test_real_esft_data_preview(shared_esft_data, tok):
     assert stats["formats"] == {"openai": 20} and 0 < stats["trained_tokens"] < stats["tokens"]
 
 
-@pytest.mark.xfail(strict=True, reason="the contract's per-message weight is honoured by render.py (owned by the "
-                                       "render engineer, issue 12); remove this mark when that lands")
 def test_weights_decide_the_trained_turns_end_to_end(tmp_path, tok):
     """OpenAI fine-tuning weights through the whole pipeline: weight 0 on the assistant, 1 on the user."""
     path = tmp_path / "w.jsonl"
