@@ -309,7 +309,8 @@ def test_p_out_of_range(capsys, tmp_path, scores_file, p):
     out = tmp_path / "experts.json"
     out.write_text("previous result\n")
     msg = fails(capsys, "select", "--scores", scores_file, "--p", p, "--out", out)
-    assert msg == f"threshold p must be in (0, 1], got {float(p)!r}"
+    rule = "must be in (0, 1]" if p in ("0", "-0.5", "1.5") else "must be a finite number"
+    assert msg == f"command line: option 'p' {rule}, got {float(p)!r}"
     assert out.read_text() == "previous result\n"  # nothing lost
 
 
@@ -322,7 +323,7 @@ def test_p_not_a_number(capsys, scores_file):
 def test_max_experts_below_one(capsys, tmp_path, scores_file, cap):
     out = tmp_path / "experts.json"
     assert fails(capsys, "select", "--scores", scores_file, "--max-experts", cap, "--out", out) == \
-        f"max_experts must be >= 1, got {cap}"
+        f"command line: option 'max_experts' must be >= 1, got {cap}"
     assert not out.exists()
 
 
@@ -557,7 +558,7 @@ def test_unknown_metric_fails_before_generation(capsys, tmp_path):
 
 
 def test_negative_limit(capsys):
-    assert fails(capsys, *SCORE, "--limit", "-1") == "limit must be >= 0 (0 = no limit), got -1"
+    assert fails(capsys, *SCORE, "--limit", "-1") == "command line: option 'limit' must be >= 0, got -1"
 
 
 def test_sample_without_response_tokens(capsys, tmp_path):

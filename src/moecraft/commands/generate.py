@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moecraft.config import SEED, checked, device_name, dtype_name
 from moecraft.errors import MoecraftError
 
 
 @dataclass
+@checked(max_new_tokens=">= 1", temperature=">= 0", top_p="(0, 1]", dtype=dtype_name, device=device_name, seed=SEED)
 class GenerateConfig:
     prompt: str = field(metadata={"help": "prompt text"})
     model: str = field(default="tiny:llama", metadata={"help": "base model or exported checkpoint"})

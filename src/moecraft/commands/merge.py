@@ -10,12 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moecraft.artifacts import merge_artifact, read_manifest
+from moecraft.config import checked, dtype_name
 from moecraft.files import check_output_folder
 from moecraft.models import load_model
 from moecraft.runinfo import write_run_info
 
 
 @dataclass
+@checked(dtype=dtype_name)
 class MergeConfig:
     artifact: str = field(metadata={"help": "training output folder (with artifact.json)"})
     out: str = field(metadata={"help": "folder for the merged checkpoint"})

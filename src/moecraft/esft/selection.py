@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 
+from moecraft.config import MAY_BE_EMPTY, checked
 from moecraft.errors import MoecraftError
 from moecraft.files import check_output_file, read_json, write_json
 
@@ -31,6 +32,7 @@ _EPS = 1e-12
 
 
 @dataclass
+@checked(p="(0, 1]", max_experts=">= 1", out=MAY_BE_EMPTY)
 class SelectConfig:
     """Options of ``moecraft select``: pick each layer's task experts from router statistics."""
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from moecraft.config import MAY_BE_EMPTY, SEED, checked, device_name, dtype_name
 from moecraft.errors import MoecraftError
 from moecraft.families import get_family, moe_layers, routing_spec
 from moecraft.files import check_output_file, read_json, write_json
@@ -34,6 +35,8 @@ FORMAT = "moecraft.scores/1"
 
 
 @dataclass
+@checked(out=MAY_BE_EMPTY, n_sequences=">= 1", seq_len=">= 2", batch_size=">= 1", seed=SEED, dtype=dtype_name,
+         device=device_name, limit=">= 0", expert_parallel=">= 1")
 class ScoreConfig:
     """Options of ``moecraft score``: sample task data and gather router statistics."""
 

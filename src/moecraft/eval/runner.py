@@ -6,12 +6,23 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moecraft.config import MAY_BE_EMPTY, SEED, checked, device_name, dtype_name
 from moecraft.errors import MoecraftError
 from moecraft.eval import metrics as M
 from moecraft.eval.tasks import EvalItem, infer_metrics, load_items
 
 
+def _something_to_evaluate(cfg: EvalConfig) -> None:
+    if not (cfg.tasks or cfg.perplexity_data or cfg.lm_eval_tasks):
+        raise MoecraftError("nothing to evaluate: give --tasks, --perplexity-data or --lm-eval-tasks")
+
+
 @dataclass
+@checked(
+    _something_to_evaluate, limit=">= 0", max_new_tokens=">= 1", batch_size=">= 1", temperature=">= 0",
+    stop=MAY_BE_EMPTY, code_timeout="> 0", perplexity_limit=">= 0", seq_len=">= 2", lm_eval_limit=">= 1",
+    seed=SEED, dtype=dtype_name, device=device_name,
+)
 class EvalConfig:
     """Options of ``moecraft eval``."""
 
