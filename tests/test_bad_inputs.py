@@ -356,7 +356,7 @@ TRAIN_ESFT = ["train", "--method", "esft", "--model", "tiny:deepseek_v2", "--dat
     ({"experts": {"1": ["a", 2.5, True]}}, "layer 1: expert ids must be integers, got ['a', 2.5, True]"),
     ({"experts": {"1": 3}}, "layer 1: expected a list of expert ids, got 3"),
     ({"experts": [1, 2]}, "not an expert config (no 'experts' mapping"),
-    ({"num_experts": "many", "experts": {"1": [2]}}, "'num_experts' must be an integer, got 'many'"),
+    ({"num_experts": "many", "experts": {"1": [2]}}, "'num_experts' must be a non-negative integer, got 'many'"),
     ({"num_experts": 8, "experts": {"1": [2]}}, "written for 8 experts per layer, the model has 16"),
     ({"family": "mixtral", "experts": {"1": [2]}}, "written for family 'mixtral', the model is 'deepseek_v2'"),
     ({"experts": {"1": [], "2": []}}, "selects no experts at all; nothing to train"),

@@ -33,11 +33,11 @@ CONFIG = GenerateConfig
 
 
 def load_for_generation(cfg: GenerateConfig):
-    import torch
 
+    from moecraft.esft.stats import resolve_device
     from moecraft.models import load_model, load_tokenizer, resolve_dtype
 
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(cfg.device))
     if cfg.trust_remote_code and not cfg.model.startswith("tiny:"):
         from transformers import AutoModelForCausalLM
 

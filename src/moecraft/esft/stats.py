@@ -57,9 +57,16 @@ class ScoreConfig:
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda if available, else cpu; a device this machine does not have is a MoecraftError."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise MoecraftError(f"device '{device}' is not available here ({torch.cuda.device_count()} CUDA "
+                            "device(s)); use --device cpu or auto")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise MoecraftError(f"device '{device}' is not available here; use --device cpu or auto")
+    return dev
 
 
 @dataclass

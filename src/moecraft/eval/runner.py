@@ -121,7 +121,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, out: Path | None = None, p
         from moecraft.eval.judge import load_judge, load_rubric
 
         judge, rubric = load_judge(cfg.judge), load_rubric(cfg.judge_rubric)
-    from moecraft.eval.generation import generate_texts
+    from moecraft.eval.generation import check_prompt_lengths, generate_texts
 
     # Read and check every input before generating anything: a bad second task or perplexity file must not
     # fail after minutes of generation, with half of the predictions written.
@@ -132,6 +132,10 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, out: Path | None = None, p
         if judge is not None and "judge" not in metrics:
             metrics.append("judge")
         check_metrics(metrics, judge is not None)
+        if items:
+            lengths = [len(ids) for ids in tokenizer([it.prompt for it in items], add_special_tokens=False)["input_ids"]]
+            check_prompt_lengths(model, lengths, cfg.max_new_tokens,
+                                 [f"{source}: the prompt of row {i + 1}" for i in range(len(items))])
         tasks.append((source, items, metrics))
     ppl_records = None
     if cfg.perplexity_data:
