@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import math
 import numbers
+import operator
 import os
 import re
 import types
@@ -180,24 +181,27 @@ MAY_BE_EMPTY = "may be empty"  # rule of a str or path option that may be empty 
 
 def _bound(text: str) -> float:
     base, _, exp = text.partition("**")
-    return float(base) ** int(exp) if exp else float(text)
+    if exp:
+        return int(base) ** int(exp)
+    return int(text) if _INT_TEXT.fullmatch(text) else float(text)
 
 
 @functools.cache
 def _range_test(rule: str) -> Callable[[float], bool]:
-    """``'> 0'``, ``'>= 1'``, ``'[0, 1)'``, ``'(0, 1]'``, ``'[0, 2**64)'`` as a test of a number."""
-    ops = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__}
+    """``'> 0'``, ``'>= 1'``, ``'[0, 1)'``, ``'(0, 1]'``, ``'[0, 2**63)'`` as a test of a number (exact: Python
+    compares ints and floats without rounding)."""
+    ops = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
     m = _COMPARE.fullmatch(rule.strip())
     if m:
         op, bound = ops[m[1]], _bound(m[2])
-        return lambda v: op(float(v), bound)
+        return lambda v: op(v, bound)
     m = _RANGE.fullmatch(rule.strip())
     if not m:
         raise TypeError(f"not a range rule: {rule!r}")
     lo, hi = _bound(m[2]), _bound(m[3])
-    lo_ok = float.__ge__ if m[1] == "[" else float.__gt__
-    hi_ok = float.__le__ if m[4] == "]" else float.__lt__
-    return lambda v: lo_ok(float(v), lo) and hi_ok(float(v), hi)
+    lo_ok = operator.ge if m[1] == "[" else operator.gt
+    hi_ok = operator.le if m[4] == "]" else operator.lt
+    return lambda v: lo_ok(v, lo) and hi_ok(v, hi)
 
 
 def one_of(*choices: str) -> Callable[[Any], str | None]:
@@ -292,6 +296,18 @@ def _check_value(name: str, tp: Any, value: Any, rule: Any) -> None:
             raise ConfigError(f"option '{name}' {problem}, got {_show(value)}", name)
 
 
+def non_empty(*names: str) -> Callable[[Any], None]:
+    """Check (for :func:`checked`) that list options are not empty lists: ``--layers=`` would craft no layer.
+    None, where a field allows it, still means the default."""
+
+    def check(cfg: Any) -> None:
+        for name in names:
+            if getattr(cfg, name) is not None and len(getattr(cfg, name)) == 0:
+                raise ConfigError(f"option '{name}' may not be an empty list", name)
+
+    return check
+
+
 def check_config(cfg: Any) -> None:
     """Every field of a config dataclass against its type and rule, then the class's cross-field checks.
 
@@ -378,7 +394,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # bytes whose aliases expand to billions of nodes) and huge files before they cost memory or time.
 MAX_YAML_BYTES = 1 << 20
 MAX_YAML_ALIASES = 64
-MAX_YAML_NODES = 10_000  # nodes with every alias expanded
+MAX_YAML_NODES = 5_000  # nodes, as written and with every alias expanded
+MAX_YAML_DEPTH = 32
 
 
 class _YamlLimit(Exception):
@@ -386,16 +403,33 @@ class _YamlLimit(Exception):
 
 
 class _BoundedLoader(yaml.SafeLoader):
-    """PyYAML's SafeLoader that counts alias uses, so a document with more than ``MAX_YAML_ALIASES`` stops."""
+    """PyYAML's SafeLoader that stops a document, as it is read, once it has more than ``MAX_YAML_ALIASES``
+    aliases, ``MAX_YAML_NODES`` nodes or ``MAX_YAML_DEPTH`` levels of nesting (PyYAML's scanner slows down
+    quadratically with depth: 1000 nested brackets take seconds)."""
 
-    aliases = 0
+    aliases = nodes = depth = 0
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             self.aliases += 1
             if self.aliases > MAX_YAML_ALIASES:
                 raise _YamlLimit(f"more than {MAX_YAML_ALIASES} aliases (*name)")
-        return super().compose_node(parent, index)
+        self.nodes += 1
+        if self.nodes > MAX_YAML_NODES:
+            raise _YamlLimit(f"more than {MAX_YAML_NODES} values")
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise _YamlLimit(f"nested more than {MAX_YAML_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def fetch_flow_collection_start(self, TokenClass):
+        # the scanner reads ahead of the composer, so flow brackets are counted where they are scanned
+        if self.flow_level >= MAX_YAML_DEPTH:
+            raise _YamlLimit(f"nested more than {MAX_YAML_DEPTH} levels deep")
+        super().fetch_flow_collection_start(TokenClass)
 
 
 def _check_yaml_nodes(root: yaml.Node) -> None:
@@ -514,6 +548,12 @@ def resolve(cls: type[T], namespace: argparse.Namespace) -> T:
     if getattr(namespace, "_config", None):
         path = Path(namespace._config)
         data.update(_checked_values(cls, read_yaml_mapping(path), str(path)))  # errors here name the file
+        hints, rules = _field_types(cls), getattr(cls, "__moecraft_rules__", {})
+        for k, v in data.items():  # each file value in range too, even where the command line overrides it
+            try:
+                _check_value(k, hints[k], v, rules.get(k))
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: {exc}", k) from exc
         origins = dict.fromkeys(data, str(path))
         source = f"{path} + command line"
     names = {f.name for f in dataclasses.fields(cls)}

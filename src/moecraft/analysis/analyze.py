@@ -16,12 +16,12 @@ from moecraft.analysis.routing import (
     selections,
     shared_top_k,
 )
-from moecraft.config import MAY_BE_EMPTY, checked
+from moecraft.config import MAY_BE_EMPTY, checked, non_empty
 from moecraft.errors import MoecraftError
 
 
 @dataclass
-@checked(p="(0, 1]", ps="(0, 1]", k=">= 1", title=MAY_BE_EMPTY)
+@checked(non_empty("ps"), p="(0, 1]", ps="(0, 1]", k=">= 1", title=MAY_BE_EMPTY)
 class AnalyzeConfig:
     """Options of ``moecraft analyze``."""
 

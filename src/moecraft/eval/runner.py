@@ -125,6 +125,10 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, out: Path | None = None, p
 
     # Read and check every input before generating anything: a bad second task or perplexity file must not
     # fail after minutes of generation, with half of the predictions written.
+    if cfg.perplexity_data:
+        from moecraft.models import check_sequence_length
+
+        check_sequence_length(model, cfg.seq_len)
     tasks = []
     for source in cfg.tasks:
         items = load_items(source, tokenizer, cfg.limit, cfg.chat_template)
@@ -140,9 +144,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, out: Path | None = None, p
     ppl_records = None
     if cfg.perplexity_data:
         from moecraft.data import load_records
-        from moecraft.models import check_sequence_length
 
-        check_sequence_length(model, cfg.seq_len)
         ppl_records = load_records(cfg.perplexity_data, cfg.perplexity_limit)
     results: dict = {"tasks": {}}
     for source, items, metrics in tasks:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from moecraft.config import SEED, ConfigError, checked, dtype_name
+from moecraft.config import SEED, ConfigError, checked, dtype_name, non_empty
 
 
 def _top_k_fits(cfg: CraftConfig) -> None:
@@ -15,7 +15,7 @@ def _top_k_fits(cfg: CraftConfig) -> None:
 
 @dataclass
 @checked(
-    _top_k_fits, num_experts=">= 1", top_k=">= 1", adapter_dim=">= 1", scaling="> 0", dropout="[0, 1)",
+    _top_k_fits, non_empty("layers"), num_experts=">= 1", top_k=">= 1", adapter_dim=">= 1", scaling="> 0", dropout="[0, 1)",
     layers=">= 0", aux_loss_coef=">= 0", lora_rank=">= 0", lora_alpha="> 0", lora_dropout="[0, 1)",
     dtype=dtype_name, seed=SEED,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from moecraft.config import SEED, ConfigError, checked, dtype_name
+from moecraft.config import SEED, ConfigError, checked, dtype_name, non_empty
 
 
 def _h(text: str) -> dict:
@@ -23,7 +23,7 @@ def _pesc_top_k_fits(cfg: TrainConfig) -> None:
 
 @dataclass
 @checked(
-    _pesc_top_k_fits,
+    _pesc_top_k_fits, non_empty("pesc_layers"),
     lora_r=">= 1", lora_alpha=">= 1", lora_dropout="[0, 1)",
     pesc_num_experts=">= 1", pesc_top_k=">= 1", pesc_adapter_dim=">= 1", pesc_scaling="> 0", pesc_dropout="[0, 1)",
     pesc_layers=">= 0", pesc_aux_loss_coef=">= 0", pesc_lora_rank=">= 0",
