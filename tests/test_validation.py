@@ -489,6 +489,18 @@ def test_generate_texts_checks_prompts_from_python(short_llama):
     assert len(generate_texts(model, tok, ["a", "z" * 46], max_new_tokens=2, progress=False)) == 2
 
 
+def test_analyze_k_over_the_experts(capsys, tmp_path):
+    from moecraft.esft.stats import ExpertScores
+
+    counts = torch.tensor([[5.0, 3.0, 1.0, 1.0]])
+    scores = ExpertScores(model="m", family="mixtral", layers=[0], num_experts=4, top_k=1, n_tokens=10,
+                          gate_sum=counts * 0.5, token_count=counts).save(tmp_path / "s.json")
+    out = tmp_path / "analysis"
+    assert fails(capsys, "analyze", "--scores", scores, "--k", "5", "--out", out) == \
+        "--k 5 is more than the 4 experts per layer of the scores"
+    assert not out.exists()
+
+
 def test_device_that_is_not_there(capsys, tmp_path):
     if torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")

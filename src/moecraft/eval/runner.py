@@ -20,7 +20,7 @@ def _something_to_evaluate(cfg: EvalConfig) -> None:
 @dataclass
 @checked(
     _something_to_evaluate, limit=">= 0", max_new_tokens=">= 1", batch_size=">= 1", temperature=">= 0",
-    stop=MAY_BE_EMPTY, code_timeout="> 0", perplexity_limit=">= 0", seq_len=">= 2", lm_eval_limit=">= 1",
+    stop=MAY_BE_EMPTY, code_timeout="(0, 86400]", perplexity_limit=">= 0", seq_len=">= 2", lm_eval_limit=">= 1",
     seed=SEED, dtype=dtype_name, device=device_name,
 )
 class EvalConfig:
