@@ -501,6 +501,27 @@ def test_analyze_k_over_the_experts(capsys, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"gate_sum": [[float("nan"), 1.0]]}, "gate_sum and token_count must be finite and >= 0"),
+    ({"token_count": [[-1, 3]]}, "gate_sum and token_count must be finite and >= 0"),
+    ({"token_count": [[1.5, 3]]}, "token_count whole numbers"),
+    ({"layers": [1.5]}, "'layers' must be distinct non-negative integers"),
+    ({"layers": [True]}, "'layers' must be distinct non-negative integers"),
+    ({"num_experts": 2.0}, "'num_experts' must be a non-negative integer, got 2.0"),
+    ({"top_k": 3}, "top_k in [1, num_experts]"),
+    ({"family": ["mixtral"]}, "'family' and 'model' must be strings"),
+])
+def test_damaged_scores_files(capsys, tmp_path, change, message):
+    from moecraft.esft.stats import ExpertScores
+
+    counts = torch.tensor([[3.0, 1.0]])
+    path = ExpertScores(model="m", family="mixtral", layers=[0], num_experts=2, top_k=1, n_tokens=4,
+                        gate_sum=counts * 0.5, token_count=counts).save(tmp_path / "s.json")
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    msg = fails(capsys, "select", "--scores", path, "--out", tmp_path / "e.json")
+    assert msg.startswith(f"{path}: damaged scores file (") and message in msg, msg
+
+
 def test_device_that_is_not_there(capsys, tmp_path):
     if torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
