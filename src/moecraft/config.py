@@ -337,7 +337,14 @@ def checked(*checks: Callable[[Any], None], **rules: Any) -> Callable[[type[T]],
     def wrap(cls: type[T]) -> type[T]:
         cls.__moecraft_rules__ = dict(rules)
         cls.__moecraft_checks__ = tuple(checks)
-        cls.__post_init__ = check_config
+        own = cls.__dict__.get("__post_init__")  # a class's own __post_init__ still runs, after the checks
+
+        def post_init(self) -> None:
+            check_config(self)
+            if own is not None:
+                own(self)
+
+        cls.__post_init__ = post_init
         return cls
 
     return wrap
@@ -363,7 +370,7 @@ def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "config",
         raise ConfigError(f"{source}: required option(s) missing: {missing}")
     try:
         cfg = cls(**values)
-        if getattr(cls, "__post_init__", None) is not check_config:
+        if "__moecraft_rules__" not in cls.__dict__:
             check_config(cfg)  # a config class without @checked still gets the generic checks
     except ConfigError as exc:
         where = (origins or {}).get(exc.option, source) if exc.option else source
