@@ -309,7 +309,8 @@ def test_p_out_of_range(capsys, tmp_path, scores_file, p):
     out = tmp_path / "experts.json"
     out.write_text("previous result\n")
     msg = fails(capsys, "select", "--scores", scores_file, "--p", p, "--out", out, "--overwrite")
-    assert msg == f"threshold p must be in (0, 1], got {float(p)!r}"
+    rule = "must be in (0, 1]" if p in ("0", "-0.5", "1.5") else "must be a finite number"
+    assert msg == f"command line: option 'p' {rule}, got {float(p)!r}"
     assert out.read_text() == "previous result\n"  # nothing lost
 
 
@@ -322,7 +323,7 @@ def test_p_not_a_number(capsys, scores_file):
 def test_max_experts_below_one(capsys, tmp_path, scores_file, cap):
     out = tmp_path / "experts.json"
     assert fails(capsys, "select", "--scores", scores_file, "--max-experts", cap, "--out", out) == \
-        f"max_experts must be >= 1, got {cap}"
+        f"command line: option 'max_experts' must be >= 1, got {cap}"
     assert not out.exists()
 
 
@@ -355,7 +356,7 @@ TRAIN_ESFT = ["train", "--method", "esft", "--model", "tiny:deepseek_v2", "--dat
     ({"experts": {"1": ["a", 2.5, True]}}, "layer 1: expert ids must be integers, got ['a', 2.5, True]"),
     ({"experts": {"1": 3}}, "layer 1: expected a list of expert ids, got 3"),
     ({"experts": [1, 2]}, "not an expert config (no 'experts' mapping"),
-    ({"num_experts": "many", "experts": {"1": [2]}}, "'num_experts' must be an integer, got 'many'"),
+    ({"num_experts": "many", "experts": {"1": [2]}}, "'num_experts' must be a non-negative integer, got 'many'"),
     ({"num_experts": 8, "experts": {"1": [2]}}, "written for 8 experts per layer, the model has 16"),
     ({"family": "mixtral", "experts": {"1": [2]}}, "written for family 'mixtral', the model is 'deepseek_v2'"),
     ({"experts": {"1": [], "2": []}}, "selects no experts at all; nothing to train"),
@@ -571,7 +572,7 @@ def test_code_metric_without_a_sandbox_fails_before_generation(capsys, tmp_path,
 
 
 def test_negative_limit(capsys):
-    assert fails(capsys, *SCORE, "--limit", "-1") == "limit must be >= 0 (0 = no limit), got -1"
+    assert fails(capsys, *SCORE, "--limit", "-1") == "command line: option 'limit' must be >= 0, got -1"
 
 
 def test_sample_without_response_tokens(capsys, tmp_path):

@@ -91,7 +91,7 @@ def test_expert_parallel_esft_trains_like_one_process_and_resumes(tmp_path, base
 
 @pytest.mark.parametrize("change, message", [
     (dict(method="lora"), "--expert-parallel is for --method esft"),
-    (dict(expert_parallel=0), "expert_parallel must be at least 1"),
+    (dict(expert_parallel=0), "option 'expert_parallel' must be >= 1, got 0"),
     (dict(), "must equal the number of processes"),  # 2 asked, 1 process
 ])
 def test_expert_parallel_bad_settings_are_refused(tmp_path, base, change, message):

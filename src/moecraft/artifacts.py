@@ -98,16 +98,40 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], expert_rows: dict
 
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """The tensors of an artifact file and their checked ``expert_rows``; any problem names the file."""
     if not path.is_file():
         raise MoecraftError(f"artifact tensors not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-        rows = json.loads(meta.get("expert_rows", "{}"))
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
         raise MoecraftError(f"{path}: not a readable safetensors file ({exc})") from exc
-    return tensors, rows
+    return tensors, _checked_rows(path, meta.get("expert_rows", "{}"), tensors)
+
+
+def _checked_rows(path: Path, text: str, tensors: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """``expert_rows`` metadata: tensor name -> the expert ids of its rows, in row order. Each id list must
+    be non-negative unique ints, one per row of a tensor the file holds (the upper bound, the base's expert
+    count, is checked by :func:`apply_tensors`). A bad row would write trained weights into other experts."""
+    try:
+        rows = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise MoecraftError(f"{path}: damaged 'expert_rows' metadata (not JSON: {exc})") from None
+    if not isinstance(rows, dict):
+        raise MoecraftError(f"{path}: damaged 'expert_rows' metadata (expected tensor name -> expert ids, "
+                            f"got {type(rows).__name__})")
+    for name, ids in rows.items():
+        if name not in tensors:
+            raise MoecraftError(f"{path}: 'expert_rows' names tensor '{name}', which the file does not hold")
+        if not isinstance(ids, list) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+            raise MoecraftError(f"{path}: expert rows of '{name}' must be non-negative integers, got {str(ids)[:80]}")
+        if len(set(ids)) != len(ids):
+            raise MoecraftError(f"{path}: expert rows of '{name}' repeat an expert: {ids}")
+        shape = tuple(tensors[name].shape)
+        if not shape or shape[0] != len(ids):
+            raise MoecraftError(f"{path}: '{name}' of shape {shape} does not have one row per expert id {ids}")
+    return rows
 
 
 @torch.no_grad()
@@ -171,10 +195,10 @@ def read_manifest(artifact_dir: str | Path) -> dict:
     manifest = read_json(path, "artifact manifest")
     if manifest.get("format") != FORMAT:
         raise MoecraftError(f"{path}: unknown artifact format {manifest.get('format')!r} (expected {FORMAT})")
-    missing = [k for k in ("method", "base", "fingerprint") if k not in manifest]
-    if missing or not isinstance(manifest.get("fingerprint"), dict):
-        raise MoecraftError(
-            f"{path}: incomplete artifact manifest (missing or malformed: {missing or ['fingerprint']})")
+    kinds = {"method": str, "base": str, "fingerprint": dict}
+    bad = [k for k, kind in kinds.items() if not isinstance(manifest.get(k), kind) or manifest[k] == ""]
+    if bad:
+        raise MoecraftError(f"{path}: incomplete artifact manifest (missing or malformed: {bad})")
     return manifest
 
 

@@ -22,10 +22,23 @@ def _command_modules():
             yield info.name.replace("_", "-"), importlib.import_module(f"moecraft.commands.{info.name}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as the one line ``moecraft <command>: error: ...`` (exit 2) that every
+    other bad input gets, instead of the usage text followed by the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(text: str) -> str:
+    """Error messages stay one line even when they quote a value with line breaks in it."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from moecraft import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="moecraft",
         description="Expert-level fine-tuning of Mixture-of-Experts LLMs (ESFT) and dense-to-MoE crafting (PESC).",
     )
@@ -38,13 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
         )
         add_arguments(p, module.CONFIG)
-        p.set_defaults(_module=module)
+        p.set_defaults(_module=module, _parser=p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's own parser, so the line starts with `moecraft <command>: error:`
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "_module", None):
         parser.print_help()
         return 1
@@ -56,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return int(module.run(cfg) or 0)
     except (MoecraftError, ConfigError) as exc:
-        print(f"moecraft {args.command}: error: {exc}", file=sys.stderr)
+        print(f"moecraft {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
         return getattr(exc, "exit_status", 2)  # 130/143 for a training stopped by SIGINT/SIGTERM
 
 

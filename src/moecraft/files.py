@@ -43,15 +43,30 @@ _LOCK = ".moecraft-lock"
 PathLike = str | Path
 
 
-def read_json(path: PathLike, what: str) -> dict:
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object, refusing a key given twice (``json`` would keep the last one silently)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        repeated = sorted({k for k, _ in pairs if sum(1 for k2, _ in pairs if k2 == k) > 1})
+        raise _RepeatedKey(f"key {repeated[0]!r} appears more than once")
+    return out
+
+
+def read_json(path: str | Path, what: str) -> dict:
     """The JSON object in ``path``; a missing file or bad JSON is a MoecraftError naming ``what`` and the file."""
     path = Path(path)
     if not path.is_file():
         raise MoecraftError(f"{what} not found: {path}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+    except (json.JSONDecodeError, UnicodeDecodeError, _RepeatedKey) as exc:
         raise MoecraftError(f"{path}: not a valid JSON {what} ({exc})") from exc
+    except RecursionError:
+        raise MoecraftError(f"{path}: not a valid JSON {what} (nested too deeply)") from None
     if not isinstance(data, dict):
         raise MoecraftError(f"{path}: not a {what} (expected a JSON object)")
     return data

@@ -16,10 +16,12 @@ from moecraft.analysis.routing import (
     selections,
     shared_top_k,
 )
+from moecraft.config import MAY_BE_EMPTY, checked, non_empty
 from moecraft.errors import MoecraftError
 
 
 @dataclass
+@checked(non_empty("ps"), p="(0, 1]", ps="(0, 1]", k=">= 1", title=MAY_BE_EMPTY)
 class AnalyzeConfig:
     """Options of ``moecraft analyze``."""
 
@@ -53,6 +55,13 @@ def _parse_sources(specs: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+def _top_k(k: int | None, scores) -> int:
+    """``--k`` (default: the model's experts per token), at most the model's experts per layer."""
+    if k is not None and k > scores.num_experts:
+        raise MoecraftError(f"--k {k} is more than the {scores.num_experts} experts per layer of the scores")
+    return k or scores.top_k
+
+
 def analyze(cfg: AnalyzeConfig) -> tuple[dict, list[str]]:
     """Numbers (JSON-ready dict) and HTML sections; PNGs are written under ``cfg.out``."""
     from moecraft.esft.selection import DEFAULT_P
@@ -75,7 +84,7 @@ def analyze(cfg: AnalyzeConfig) -> tuple[dict, list[str]]:
             if (s.layers, s.num_experts) != (ref.layers, ref.num_experts):
                 raise MoecraftError(f"{path}: layers/experts differ from {srcs[0][1]}; all score files must be of one model")
         mats = [s.scores(cfg.score) for s in loaded]
-        k = cfg.k or ref.top_k
+        k = _top_k(cfg.k, ref)
         conc = {lab: concentration(m, cfg.ps) for lab, m in zip(labels, mats)}
         shared = overlap_matrix(mats, shared_top_k, k)
         jac = overlap_matrix(mats, jaccard_selected, p)
@@ -116,7 +125,7 @@ def analyze(cfg: AnalyzeConfig) -> tuple[dict, list[str]]:
         if (b.layers, b.num_experts) != (a.layers, a.num_experts):
             raise MoecraftError(f"{cfg.before} and {cfg.after} are of different models (layers/experts differ)")
         mb, ma = b.scores(cfg.score), a.scores(cfg.score)
-        k = cfg.k or b.top_k
+        k = _top_k(cfg.k, b)
         ba = {"shared_top_k": shared_top_k(mb, ma, k), "jaccard_selected": jaccard_selected(mb, ma, p),
               "mean_abs_change": float((ma - mb).abs().mean()), "max_abs_change": float((ma - mb).abs().max()),
               "concentration_before": concentration(mb, cfg.ps).float().mean(0).tolist(),

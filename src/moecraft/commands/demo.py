@@ -15,11 +15,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moecraft.config import SEED, checked, non_empty, one_of
 from moecraft.data.records import DataFormatName, data_option
 from moecraft.errors import MoecraftError
 
 
 @dataclass
+@checked(non_empty("methods"), steps=">= 1", seq_len=">= 2", n_sequences=">= 1", score=one_of("gate", "token"), p="(0, 1]",
+         eval_limit=">= 1", max_new_tokens=">= 1", methods=one_of("esft", "fft", "lora", "pesc"), seed=SEED)
 class DemoConfig:
     """Options of ``moecraft demo``."""
 

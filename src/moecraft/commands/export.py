@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from moecraft.config import checked, dtype_name
 from moecraft.errors import MoecraftError
 
 
 @dataclass
+@checked(dtype=dtype_name)
 class ExportConfig:
     artifact: str = field(metadata={"help": "PESC artifact folder (from craft / train --method pesc)"})
     output: str = field(metadata={"help": "folder for the exported checkpoint"})

@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moecraft.config import SEED, checked, device_name, dtype_name
 from moecraft.errors import MoecraftError
 
 
 @dataclass
+@checked(max_new_tokens=">= 1", temperature=">= 0", top_p="(0, 1]", dtype=dtype_name, device=device_name, seed=SEED)
 class GenerateConfig:
     prompt: str = field(metadata={"help": "prompt text"})
     model: str = field(default="tiny:llama", metadata={"help": "base model or exported checkpoint"})
@@ -32,11 +34,11 @@ CONFIG = GenerateConfig
 
 
 def load_for_generation(cfg: GenerateConfig):
-    import torch
 
+    from moecraft.esft.stats import resolve_device
     from moecraft.models import load_model, load_tokenizer, resolve_dtype
 
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(cfg.device))
     if cfg.trust_remote_code and not cfg.model.startswith("tiny:"):
         from transformers import AutoModelForCausalLM
 

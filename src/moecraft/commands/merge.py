@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moecraft.artifacts import merge_artifact, read_manifest
+from moecraft.config import checked, dtype_name
 from moecraft.files import output_folder
 from moecraft.hf_folder import save_model_folder
 from moecraft.models import load_model
@@ -16,6 +17,7 @@ from moecraft.runinfo import write_run_info
 
 
 @dataclass
+@checked(dtype=dtype_name)
 class MergeConfig:
     artifact: str = field(metadata={"help": "training output folder (with artifact.json)"})
     out: str = field(metadata={"help": "folder for the merged checkpoint"})

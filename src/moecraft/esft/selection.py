@@ -14,12 +14,14 @@ divides each layer's scores by their sum first, which makes p mean "share of the
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from moecraft.config import MAY_BE_EMPTY, checked
 from moecraft.errors import MoecraftError
 from moecraft.files import output_file, read_json, write_json
 
@@ -31,6 +33,7 @@ _EPS = 1e-12
 
 
 @dataclass
+@checked(p="(0, 1]", max_experts=">= 1", out=MAY_BE_EMPTY)
 class SelectConfig:
     """Options of ``moecraft select``: pick each layer's task experts from router statistics."""
 
@@ -134,7 +137,9 @@ class ExpertConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ExpertConfig:
-        """Read and check an expert config: layer keys, expert ids (integers, in range, unique), fields."""
+        """Read and check an expert config (moecraft's, or the official ESFT format: ``experts`` plus
+        ``shared_experts`` / ``non_expert_modules``): layer keys, expert ids (integers, in range, unique),
+        and the type of every other field. Any problem is a MoecraftError naming the file."""
         d = read_json(path, "expert config")
         if not isinstance(d.get("experts"), dict):
             raise MoecraftError(f"{path}: not an expert config (no 'experts' mapping of layer -> expert ids)")
@@ -144,16 +149,28 @@ class ExpertConfig:
             if value is None and default is None:
                 return None
             bad = isinstance(value, bool) or not isinstance(value, (int, float))
-            if bad or (kind is int and not float(value).is_integer()):
-                what = "an integer" if kind is int else "a number"
+            if bad or (kind is int and not float(value).is_integer()) or (kind is int and value < 0):
+                what = "a non-negative integer" if kind is int else "a number"
                 raise MoecraftError(f"{path}: '{key}' must be {what}, got {value!r}")
             return kind(value)
 
+        def flag(*keys: str) -> bool:
+            for key in keys:
+                if key in d:
+                    if not isinstance(d[key], bool):
+                        raise MoecraftError(f"{path}: '{key}' must be true or false, got {d[key]!r}")
+                    return d[key]
+            return False
+
+        def text(key: str) -> str:
+            value = d.get(key, "")
+            if not isinstance(value, str):
+                raise MoecraftError(f"{path}: '{key}' must be a string, got {value!r}")
+            return value
+
         num_experts = number("num_experts", int, 0)
         experts: dict[int, list[int]] = {}
-        for key, ids in d["experts"].items():
-            if not str(key).isdigit():
-                raise MoecraftError(f"{path}: layer index {key!r} is not a non-negative integer")
+        for layer, key, ids in _layer_items(d["experts"], path, "experts"):
             if not isinstance(ids, list):
                 raise MoecraftError(f"{path}: layer {key}: expected a list of expert ids, got {ids!r}")
             not_int = [i for i in ids if isinstance(i, bool) or not isinstance(i, int)]
@@ -165,21 +182,54 @@ class ExpertConfig:
                 raise MoecraftError(f"{path}: layer {key}: expert ids {bad} out of range {valid}")
             if len(set(ids)) != len(ids):
                 raise MoecraftError(f"{path}: layer {key}: repeated expert ids {ids}")
-            experts[int(key)] = list(ids)
+            experts[layer] = list(ids)
         scores = d.get("scores", {})
-        if not isinstance(scores, dict) or not all(str(k).isdigit() and isinstance(v, list)
-                                                   for k, v in scores.items()):
+        if not isinstance(scores, dict):
             raise MoecraftError(f"{path}: 'scores' must map layer index -> list of expert scores")
+        score_rows: dict[int, list[float]] = {}
+        for layer, key, row in _layer_items(scores, path, "scores"):
+            if (not isinstance(row, list) or not all(_finite(v) for v in row)
+                    or (num_experts and len(row) != num_experts)
+                    or any(i >= len(row) for i in experts.get(layer, []))):
+                raise MoecraftError(f"{path}: scores of layer {key} must be a list of finite numbers, one per "
+                                    f"expert{f' ({num_experts})' if num_experts else ''}")
+            score_rows[layer] = [float(v) for v in row]
+        warnings = d.get("warnings", [])
+        if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
+            raise MoecraftError(f"{path}: 'warnings' must be a list of strings")
         return cls(
-            model=str(d.get("model", "")), family=str(d.get("family", "")),
-            score_function=str(d.get("score_function", "")), p=number("p", float, float("nan")),
-            experts=experts, num_experts=num_experts, top_k=number("top_k", int, 0),
-            normalized=bool(d.get("normalized", False)),
+            model=text("model"), family=text("family"), score_function=text("score_function"),
+            p=number("p", float, float("nan")), experts=experts, num_experts=num_experts,
+            top_k=number("top_k", int, 0), normalized=flag("normalized"),
             max_experts_per_layer=number("max_experts_per_layer", int, None),
-            train_shared_experts=bool(d.get("train_shared_experts", d.get("shared_experts", False))),
-            train_non_expert_modules=bool(d.get("train_non_expert_modules", d.get("non_expert_modules", False))),
-            scores={int(k): v for k, v in scores.items()}, warnings=list(d.get("warnings", [])),
+            train_shared_experts=flag("train_shared_experts", "shared_experts"),
+            train_non_expert_modules=flag("train_non_expert_modules", "non_expert_modules"),
+            scores=score_rows, warnings=list(warnings),
         )
+
+
+_LAYER_KEY = re.compile(r"[0-9]+")  # ASCII digits only: not '-1', ' 3', '1e1', '３' or '²'
+
+
+def _layer_items(mapping: dict, path: str | Path, what: str) -> list[tuple[int, str, object]]:
+    """``(layer, key, value)`` of a JSON mapping keyed by decoder-layer index; keys must be plain decimal
+    and name each layer once ('3' and '03' are the same layer)."""
+    seen: dict[int, str] = {}
+    items = []
+    for key, value in mapping.items():
+        if not _LAYER_KEY.fullmatch(key):
+            raise MoecraftError(f"{path}: layer index {key!r} is not a non-negative integer (plain decimal "
+                                f"digits, in '{what}')")
+        layer = int(key)
+        if layer in seen:
+            raise MoecraftError(f"{path}: layer keys {seen[layer]!r} and {key!r} in '{what}' name the same layer")
+        seen[layer] = key
+        items.append((layer, key, value))
+    return items
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def select_experts(cfg: SelectConfig, scores=None) -> ExpertConfig:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from moecraft.config import MAY_BE_EMPTY, SEED, checked, device_name, dtype_name
 from moecraft.data.records import DataFormatName, data_option
 from moecraft.errors import MoecraftError
 from moecraft.families import get_family, moe_layers, routing_spec
@@ -36,6 +37,8 @@ FORMAT = "moecraft.scores/1"
 
 
 @dataclass
+@checked(out=MAY_BE_EMPTY, n_sequences=">= 1", seq_len=">= 2", batch_size=">= 1", seed=SEED, dtype=dtype_name,
+         device=device_name, limit=">= 0", expert_parallel=">= 1")
 class ScoreConfig:
     """Options of ``moecraft score``: sample task data and gather router statistics."""
 
@@ -66,9 +69,16 @@ class ScoreConfig:
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda if available, else cpu; a device this machine does not have is a MoecraftError."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise MoecraftError(f"device '{device}' is not available here ({torch.cuda.device_count()} CUDA "
+                            "device(s)); use --device cpu or auto")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise MoecraftError(f"device '{device}' is not available here; use --device cpu or auto")
+    return dev
 
 
 @dataclass
@@ -125,23 +135,44 @@ class ExpertScores:
         d = read_json(path, "scores file")
         if d.get("format") != FORMAT:
             raise MoecraftError(f"{path}: not a moecraft scores file (expected format '{FORMAT}')")
+        def count(key: str) -> int:
+            value = d[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise MoecraftError(f"{path}: damaged scores file ('{key}' must be a non-negative integer, got "
+                                    f"{str(value)[:40]})")
+            return value
+
         try:
+            layers, num_experts = d["layers"], count("num_experts")
+            if (not isinstance(layers, list) or len(set(map(repr, layers))) != len(layers)
+                    or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers)):
+                raise MoecraftError(f"{path}: damaged scores file ('layers' must be distinct non-negative integers)")
+            if not isinstance(d["family"], str) or not isinstance(d.get("model", ""), str):
+                raise MoecraftError(f"{path}: damaged scores file ('family' and 'model' must be strings)")
             gate_sum = torch.tensor(d["gate_sum"], dtype=torch.float64)
             token_count = torch.tensor(d["token_count"], dtype=torch.float64)
-            shape = (len(d["layers"]), int(d["num_experts"]))
+            shape = (len(layers), num_experts)
             scores = cls(
-                model=str(d.get("model", "")), family=str(d["family"]), layers=[int(i) for i in d["layers"]],
-                num_experts=shape[1], top_k=int(d["top_k"]), n_tokens=int(d["n_tokens"]), gate_sum=gate_sum,
-                token_count=token_count, meta=d.get("meta", {}),
+                model=d.get("model", ""), family=d["family"], layers=list(layers), num_experts=num_experts,
+                top_k=count("top_k"), n_tokens=count("n_tokens"), gate_sum=gate_sum, token_count=token_count,
+                meta=d.get("meta", {}),
             )
         except KeyError as exc:
             raise MoecraftError(f"{path}: damaged scores file (no {exc})") from exc
-        except (TypeError, ValueError, RuntimeError) as exc:  # torch.tensor on ragged or non-numeric lists
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:  # ragged or non-numeric lists
+            if isinstance(exc, MoecraftError):
+                raise
             raise MoecraftError(f"{path}: damaged scores file ({exc})") from exc
         if tuple(gate_sum.shape) != shape or tuple(token_count.shape) != shape:
             raise MoecraftError(f"{path}: statistics shape {tuple(gate_sum.shape)} does not match {shape}")
-        if scores.n_tokens < 1 or scores.top_k < 1:
-            raise MoecraftError(f"{path}: damaged scores file (n_tokens and top_k must be >= 1)")
+        if scores.n_tokens < 1 or not 1 <= scores.top_k <= max(num_experts, 1):
+            raise MoecraftError(f"{path}: damaged scores file (n_tokens must be >= 1 and top_k in [1, num_experts])")
+        # statistics are sums of routing weights and counts: finite, non-negative, counts whole
+        if (not bool(torch.isfinite(gate_sum).all() and torch.isfinite(token_count).all())
+                or bool((gate_sum < 0).any() or (token_count < 0).any())
+                or not bool((token_count == token_count.round()).all())):
+            raise MoecraftError(f"{path}: damaged scores file (gate_sum and token_count must be finite and "
+                                ">= 0, token_count whole numbers)")
         return scores
 
 

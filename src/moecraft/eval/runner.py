@@ -6,13 +6,24 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moecraft.config import MAY_BE_EMPTY, SEED, checked, device_name, dtype_name
 from moecraft.data.records import DataFormatName, data_option
 from moecraft.errors import MoecraftError
 from moecraft.eval import metrics as M
 from moecraft.eval.tasks import EvalItem, infer_metrics, load_items
 
 
+def _something_to_evaluate(cfg: EvalConfig) -> None:
+    if not (cfg.tasks or cfg.perplexity_data or cfg.lm_eval_tasks):
+        raise MoecraftError("nothing to evaluate: give --tasks, --perplexity-data or --lm-eval-tasks")
+
+
 @dataclass
+@checked(
+    _something_to_evaluate, limit=">= 0", max_new_tokens=">= 1", batch_size=">= 1", temperature=">= 0",
+    stop=MAY_BE_EMPTY, code_timeout="(0, 86400]", perplexity_limit=">= 0", seq_len=">= 2", lm_eval_limit=">= 1",
+    seed=SEED, dtype=dtype_name, device=device_name,
+)
 class EvalConfig:
     """Options of ``moecraft eval``."""
 
@@ -123,11 +134,15 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, out: Path | None = None, p
         from moecraft.eval.judge import load_judge, load_rubric
 
         judge, rubric = load_judge(cfg.judge), load_rubric(cfg.judge_rubric)
-    from moecraft.eval.generation import generate_texts
+    from moecraft.eval.generation import check_prompt_lengths, generate_texts
 
     # Read and check every input before generating anything: a bad second task or perplexity file must not
     # fail after minutes of generation, with half of the predictions written.
     names = prediction_names(list(cfg.tasks))
+    if cfg.perplexity_data:
+        from moecraft.models import check_sequence_length
+
+        check_sequence_length(model, cfg.seq_len)
     tasks = []
     for source in cfg.tasks:
         from moecraft.data import DataOptions
@@ -137,6 +152,10 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, out: Path | None = None, p
         if judge is not None and "judge" not in metrics:
             metrics.append("judge")
         check_metrics(metrics, judge is not None)
+        if items:
+            lengths = [len(ids) for ids in tokenizer([it.prompt for it in items], add_special_tokens=False)["input_ids"]]
+            check_prompt_lengths(model, lengths, cfg.max_new_tokens,
+                                 [f"{source}: the prompt of row {i + 1}" for i in range(len(items))])
         tasks.append((source, items, metrics))
     if not cfg.unsafe_code_exec and any("code_pass@1" in m for _, _, m in tasks):
         from moecraft.eval.code_exec import require_sandbox
@@ -145,9 +164,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, out: Path | None = None, p
     ppl_records = None
     if cfg.perplexity_data:
         from moecraft.data import DataOptions, load_records
-        from moecraft.models import check_sequence_length
 
-        check_sequence_length(model, cfg.seq_len)
         ppl_records = load_records(cfg.perplexity_data, cfg.perplexity_limit, DataOptions.from_config(cfg))
     results: dict = {"tasks": {}}
     for source, items, metrics in tasks:

@@ -5,8 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from moecraft.config import SEED, ConfigError, checked, dtype_name, non_empty
+
+
+def _top_k_fits(cfg: CraftConfig) -> None:
+    if cfg.top_k > cfg.num_experts:
+        raise ConfigError(f"option 'top_k' ({cfg.top_k}) must be <= num_experts ({cfg.num_experts})", "top_k")
+
 
 @dataclass
+@checked(
+    _top_k_fits, non_empty("layers"), num_experts=">= 1", top_k=">= 1", adapter_dim=">= 1", scaling="> 0", dropout="[0, 1)",
+    layers=">= 0", aux_loss_coef=">= 0", lora_rank=">= 0", lora_alpha="> 0", lora_dropout="[0, 1)",
+    dtype=dtype_name, seed=SEED,
+)
 class CraftConfig:
     """How to craft a dense model into a PESC MoE, and (for ``moecraft craft``) which model and where to."""
 

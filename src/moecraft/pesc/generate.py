@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moecraft.eval.generation import check_prompt_lengths
+
 
 @torch.no_grad()
 def generate(
@@ -25,6 +27,7 @@ def generate(
         )["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    check_prompt_lengths(model, [ids.shape[1]], max_new_tokens, ["the prompt"])
     device = next(model.parameters()).device
     ids = ids.to(device)
     torch.manual_seed(seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from moecraft.config import SEED, ConfigError, checked, dtype_name, non_empty
 from moecraft.data.records import DataFormatName, data_option
 
 
@@ -12,7 +13,26 @@ def _h(text: str) -> dict:
     return {"help": text}
 
 
+def _pesc_top_k_fits(cfg: TrainConfig) -> None:
+    from moecraft.pesc.config import CraftConfig
+
+    k = cfg.pesc_top_k if cfg.pesc_top_k is not None else CraftConfig.top_k
+    n = cfg.pesc_num_experts if cfg.pesc_num_experts is not None else CraftConfig.num_experts
+    if k > n:
+        raise ConfigError(f"option 'pesc_top_k' ({k}) must be <= pesc_num_experts ({n})", "pesc_top_k")
+
+
 @dataclass
+@checked(
+    _pesc_top_k_fits, non_empty("pesc_layers"),
+    lora_r=">= 1", lora_alpha=">= 1", lora_dropout="[0, 1)",
+    pesc_num_experts=">= 1", pesc_top_k=">= 1", pesc_adapter_dim=">= 1", pesc_scaling="> 0", pesc_dropout="[0, 1)",
+    pesc_layers=">= 0", pesc_aux_loss_coef=">= 0", pesc_lora_rank=">= 0",
+    eval_fraction="(0, 1)", eval_sequences=">= 1", mix_ratio="[0, 1)", max_records=">= 0", seq_len=">= 2",
+    max_steps=">= 1", batch_size=">= 1", grad_accum=">= 1", lr="> 0", weight_decay=">= 0", adam_beta1="[0, 1)",
+    adam_beta2="[0, 1)", warmup_steps=">= 0", min_lr_ratio="[0, 1]", max_grad_norm=">= 0", expert_parallel=">= 1",
+    dtype=dtype_name, seed=SEED, eval_every=">= 0", save_every=">= 0", log_every=">= 1",
+)
 class TrainConfig:
     model: str = field(metadata=_h("base model: hub id, local folder or tiny:<family>"))
     data: str = field(metadata=_h("training data: JSONL, datasets folder, hub id or builtin:<task>"))
