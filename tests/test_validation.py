@@ -38,6 +38,7 @@ REQUIRED = {
     "merge": ["--artifact", "run", "--out", "merged"],
     "export": ["--artifact", "run", "--output", "exported"],
     "generate": ["--prompt", "hi"],
+    "data": ["--data", "builtin:intent"],
 }
 
 
@@ -220,7 +221,7 @@ def test_python_api_is_checked_like_the_cli():
     ("lr: -1.0e-5\n", "option 'lr' must be > 0, got -1e-05"),
     ("pesc_layers: [1, true]\n", "option 'pesc_layers' expects int, got True"),
     ("pesc_layers: [1, -2]\n", "option 'pesc_layers' must be >= 0, got -2"),
-    ("method: 1\n", "option 'method' must be one of ['esft', 'fft', 'lora', 'pesc'], got 1"),
+    ("method: 1\n", "option 'method' must be one of ['esft', 'fft', 'lora', 'pesc', 'router'], got 1"),
     ("progress: 1\n", "option 'progress' expects bool, got 1"),
     ("experts: \"a\\0b\"\n", "option 'experts' contains a NUL character: 'a\\x00b'"),
     ("1: 2\n", "unknown option(s) [1]; known: ["),

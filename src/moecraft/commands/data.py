@@ -15,11 +15,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from moecraft.config import checked
 from moecraft.data.records import DataFormatName, data_option
 from moecraft.errors import DataError
 
 
 @dataclass
+@checked(examples=">= 0", seq_len=">= 2", limit=">= 1")
 class DataConfig:
     """Options of ``moecraft data``."""
 
