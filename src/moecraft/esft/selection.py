@@ -121,6 +121,8 @@ class ExpertConfig:
             "top_k": self.top_k,
             "train_shared_experts": self.train_shared_experts,
             "train_non_expert_modules": self.train_non_expert_modules,
+            # the same two options under the names the official ESFT scripts read (esft.to_esft)
+            **official_flags(self.train_shared_experts, self.train_non_expert_modules),
             "selected_fraction": self.selected_fraction,
             "experts": {str(k): v for k, v in self.experts.items()},
             "selected_mass": {str(k): self.selected_mass(k) for k in self.experts},
@@ -175,10 +177,23 @@ class ExpertConfig:
             experts=experts, num_experts=num_experts, top_k=number("top_k", int, 0),
             normalized=bool(d.get("normalized", False)),
             max_experts_per_layer=number("max_experts_per_layer", int, None),
-            train_shared_experts=bool(d.get("train_shared_experts", d.get("shared_experts", False))),
-            train_non_expert_modules=bool(d.get("train_non_expert_modules", d.get("non_expert_modules", False))),
+            train_shared_experts=_flag(d, path, "train_shared_experts", "shared_experts"),
+            train_non_expert_modules=_flag(d, path, "train_non_expert_modules", "non_expert_modules"),
             scores={int(k): v for k, v in scores.items()}, warnings=list(d.get("warnings", [])),
         )
+
+
+def official_flags(shared_experts: bool, non_expert_modules: bool) -> dict:
+    """The official ESFT names of moecraft's ``train_shared_experts`` / ``train_non_expert_modules``."""
+    return {"shared_experts": bool(shared_experts), "non_expert_modules": bool(non_expert_modules)}
+
+
+def _flag(d: dict, path, ours: str, official: str) -> bool:
+    """One training option that a config may hold under moecraft's name, the official name, or both."""
+    if ours in d and official in d and bool(d[ours]) != bool(d[official]):
+        raise MoecraftError(f"{path}: '{ours}' is {d[ours]!r} but '{official}' (its official ESFT name) is "
+                            f"{d[official]!r}; make them agree or drop one")
+    return bool(d.get(ours, d.get(official, False)))
 
 
 def select_experts(cfg: SelectConfig, scores=None) -> ExpertConfig:
