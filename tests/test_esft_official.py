@@ -125,6 +125,21 @@ def test_export_loads_with_the_official_loader_bit_exactly(esft_run, base, tmp_p
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(folder)), trained)
 
 
+def test_non_expert_training_exports_exactly_the_official_trainable_set(base, tmp_path):
+    """moecraft's §6.3 variant trains the same parameters as the official to_esft with non_expert_modules."""
+    _, base_state = base
+    ec = tmp_path / "ec.json"
+    ec.write_text(json.dumps({"experts": {"1": [3, 7], "2": []}, "shared_experts": False,
+                              "non_expert_modules": True}))
+    s = train(TrainConfig(model=BASE, data="builtin:intent", out=str(tmp_path / "run"), experts=str(ec),
+                          seq_len=128, max_steps=1, eval_sequences=1, lr=1e-3, progress=False))
+    export_esft(tmp_path / "run", tmp_path / "off")
+    official = official_add_adapter(base_state, tmp_path / "off")  # asserts the strict key set
+    ours = _per_expert(remove_sparse_experts(s["model"]), tmp_path / "ours")
+    assert set(ours) == set(official) and all(torch.equal(ours[k], official[k]) for k in ours)
+    assert not torch.equal(official["model.norm.weight"], base_state["model.norm.weight"])
+
+
 def test_export_import_round_trip_is_bit_exact(esft_run, tmp_path):
     run, trained = esft_run
     export_esft(run, tmp_path / "off")

@@ -233,6 +233,7 @@ def export_esft(artifact: str | Path, out: str | Path, base: str | None = None) 
     tensors, rows = read_tensors(artifact / TENSORS)
     where = str(artifact / TENSORS)
     check_shapes(layout, tensors, rows, where)
+    state = split_fused(tensors, rows, where)  # also checks that every row-sliced tensor is a fused expert tensor
     experts: dict[int, list[int]] = {}
     for name, ids in rows.items():
         layer = int(_FUSED.match(name).group(1))
@@ -241,7 +242,6 @@ def export_esft(artifact: str | Path, out: str | Path, base: str | None = None) 
     others = {n for n in tensors if n not in rows}
     shared, non_expert = bool(others & layout.shared), bool(others & layout.non_expert)
     layout.check_trained(others, shared, non_expert, where)
-    state = split_fused(tensors, rows, where)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / ADAPTER_FILE), metadata={"format": "pt"})
     write_json(out / OFFICIAL_CONFIG, official_expert_config(experts, layout.moe_layers, shared, non_expert))
@@ -253,7 +253,7 @@ def import_esft(adapter: str | Path, base: str, out: str | Path, expert_config: 
     """An official ESFT adapter folder (+ its base) -> a moecraft ESFT training output (``artifact.json`` etc.)."""
     from moecraft.artifacts import TENSORS, base_fingerprint, model_bytes, save_tensors, write_manifest
     from moecraft.esft.selection import FORMAT, ExpertConfig
-    from moecraft.files import check_output_folder, read_json, write_json
+    from moecraft.files import check_output_folder, write_json
     from moecraft.methods.esft import EXPERT_CONFIG, check_expert_config
     from moecraft.models import load_model
 
@@ -265,7 +265,6 @@ def import_esft(adapter: str | Path, base: str, out: str | Path, expert_config: 
     if not cfg_path.is_file():
         raise MoecraftError(f"expert config not found: {cfg_path} (the official train.py does not copy it into its "
                             "output: pass --expert-config with the file it trained from)")
-    raw = read_json(cfg_path, "expert config")
     ec = ExpertConfig.load(cfg_path)  # ids, layers, and official/moecraft key agreement
     state = read_adapter_tensors(adapter)
     model, _ = load_model(base, dtype=dtype)
@@ -292,7 +291,7 @@ def import_esft(adapter: str | Path, base: str, out: str | Path, expert_config: 
               "experts": {str(i): ec.experts[i] for i in layout.moe_layers},
               "train_shared_experts": shared, "train_non_expert_modules": non_expert,
               "shared_experts": shared, "non_expert_modules": non_expert,
-              "imported_from": str(adapter), **{k: v for k, v in raw.items() if k == "warnings"}}
+              "imported_from": str(adapter)}
     write_json(out / EXPERT_CONFIG, config)
     fingerprint = base_fingerprint(model)
     fingerprint["base_bytes"] = model_bytes(model)
