@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from moecraft.artifacts import load_artifact, read_tensors
+from moecraft.artifacts import load_artifact, read_tensors, save_tensors
 from moecraft.cli import main
 from moecraft.errors import MoecraftError
 from moecraft.esft.official import export_esft, import_esft
@@ -267,6 +267,12 @@ def test_export_esft_bad_inputs(capsys, tmp_path, esft_run):
     assert fails(capsys, "export", "--artifact", run, "--output", tmp_path / "o", "--format", "esft",
                  "--model", "tiny:qwen3_moe") == \
         "the official ESFT code loads DeepSeek-V2 only (remote-code DeepseekV2MoE layers); this model is 'qwen3_moe'"
+    (other / "artifact.json").write_text(json.dumps(manifest))
+    tensors, rows = read_tensors(other / "trained.safetensors")
+    del tensors["model.layers.1.mlp.experts.down_proj"], rows["model.layers.1.mlp.experts.down_proj"]
+    save_tensors(other / "trained.safetensors", tensors, rows)
+    assert fails(capsys, "export", "--artifact", other, "--output", tmp_path / "o", "--format", "esft") == \
+        f"{other / 'trained.safetensors'}: layers [1]: only one of gate_up_proj / down_proj holds trained rows"
     assert not (tmp_path / "o").exists()
 
 

@@ -21,7 +21,7 @@ class ExportConfig:
     artifact: str = field(metadata={"help": "PESC artifact folder (from craft / train --method pesc); "
                                             "with --format esft, an ESFT training output"})
     output: str = field(metadata={"help": "folder for the exported checkpoint"})
-    model: str | None = field(default=None, metadata={"help": "dense base (default: the one in the artifact)"})
+    model: str | None = field(default=None, metadata={"help": "base model (default: the one in the artifact)"})
     format: Literal["auto", "mixtral", "custom", "esft"] = field(
         default="auto", metadata={"help": "checkpoint format (esft: official ESFT adapter folder)"})
     dtype: str = field(default="auto", metadata={"help": "base dtype when loading"})

@@ -235,10 +235,15 @@ def export_esft(artifact: str | Path, out: str | Path, base: str | None = None) 
     check_shapes(layout, tensors, rows, where)
     state = split_fused(tensors, rows, where)  # also checks that every row-sliced tensor is a fused expert tensor
     experts: dict[int, list[int]] = {}
+    fused: dict[int, int] = {}
     for name, ids in rows.items():
         layer = int(_FUSED.match(name).group(1))
+        fused[layer] = fused.get(layer, 0) + 1
         if experts.setdefault(layer, list(ids)) != list(ids):
             raise MoecraftError(f"{where}: layer {layer}: gate_up_proj and down_proj hold different experts")
+    half = sorted(layer for layer, n in fused.items() if n != 2)
+    if half:  # an expert without its down (or gate/up) weights would fail the official strict load
+        raise MoecraftError(f"{where}: layers {half}: only one of gate_up_proj / down_proj holds trained rows")
     others = {n for n in tensors if n not in rows}
     shared, non_expert = bool(others & layout.shared), bool(others & layout.non_expert)
     layout.check_trained(others, shared, non_expert, where)
