@@ -4,6 +4,8 @@ Formats: `mixtral` (LoRA expert kind on a Llama/Mistral base: a plain Mixtral ch
 code, loadable by stock transformers and vLLM) and `custom` (any kind: the crafted weights plus a
 `modeling_pesc.py`, load with `trust_remote_code=True`). `auto` picks mixtral for the LoRA kind when
 the base fits, else custom. Base-model LoRA is merged in both.
+`esft`: an ESFT training output (DeepSeek-V2) as a folder the official ESFT scripts load with
+`esft.add_adapter` (per-expert weights + expert_cfg.json); see moecraft.esft.official.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from moecraft.errors import MoecraftError
 @dataclass
 @checked(dtype=dtype_name)
 class ExportConfig:
-    artifact: str = field(metadata={"help": "PESC artifact folder (from craft / train --method pesc)"})
+    artifact: str = field(metadata={"help": "PESC artifact folder (from craft / train --method pesc); "
+                                            "with --format esft, an ESFT training output"})
     output: str = field(metadata={"help": "folder for the exported checkpoint"})
-    model: str | None = field(default=None, metadata={"help": "dense base (default: the one in the artifact)"})
-    format: Literal["auto", "mixtral", "custom"] = field(default="auto", metadata={"help": "checkpoint format"})
+    model: str | None = field(default=None, metadata={"help": "base model (default: the one in the artifact)"})
+    format: Literal["auto", "mixtral", "custom", "esft"] = field(
+        default="auto", metadata={"help": "checkpoint format (esft: official ESFT adapter folder)"})
     dtype: str = field(default="auto", metadata={"help": "base dtype when loading"})
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --output (once the new one is complete)"})
 
@@ -36,6 +40,13 @@ def run(cfg: ExportConfig) -> int:
     from moecraft.pesc.export import export_model
     from moecraft.runinfo import write_run_info
 
+    if cfg.format == "esft":
+        from moecraft.esft.official import export_esft
+
+        out = export_esft(cfg.artifact, cfg.output, base=cfg.model)
+        write_run_info(out / "moecraft_run_info.json", cfg)
+        print(f"exported to {out} (official ESFT adapter: esft.add_adapter(model, '{out}'))")
+        return 0
     ccfg = read_config(cfg.artifact)
     base = cfg.model or ccfg.model
     if not base:

@@ -125,6 +125,8 @@ class ExpertConfig:
             "top_k": self.top_k,
             "train_shared_experts": self.train_shared_experts,
             "train_non_expert_modules": self.train_non_expert_modules,
+            # the same two options under the names the official ESFT scripts read (esft.to_esft)
+            **official_flags(self.train_shared_experts, self.train_non_expert_modules),
             "selected_fraction": self.selected_fraction,
             "experts": {str(k): v for k, v in self.experts.items()},
             "selected_mass": {str(k): self.selected_mass(k) for k in self.experts},
@@ -155,6 +157,11 @@ class ExpertConfig:
             return kind(value)
 
         def flag(*keys: str) -> bool:
+            """One option under moecraft's name, the official ESFT name, or both (then they must agree)."""
+            ours, official = keys
+            if ours in d and official in d and d[ours] != d[official]:
+                raise MoecraftError(f"{path}: '{ours}' is {d[ours]!r} but '{official}' (its official ESFT name) is "
+                                    f"{d[official]!r}; make them agree or drop one")
             for key in keys:
                 if key in d:
                     if not isinstance(d[key], bool):
@@ -230,6 +237,11 @@ def _layer_items(mapping: dict, path: str | Path, what: str) -> list[tuple[int, 
 
 def _finite(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def official_flags(shared_experts: bool, non_expert_modules: bool) -> dict:
+    """The official ESFT names of moecraft's ``train_shared_experts`` / ``train_non_expert_modules``."""
+    return {"shared_experts": bool(shared_experts), "non_expert_modules": bool(non_expert_modules)}
 
 
 def select_experts(cfg: SelectConfig, scores=None) -> ExpertConfig:
