@@ -262,8 +262,13 @@ def test_export_esft_bad_inputs(capsys, tmp_path, esft_run):
     busy.mkdir()
     (busy / "old.safetensors").write_bytes(b"")
     assert fails(capsys, "export", "--artifact", run, "--output", busy, "--format", "esft") == \
-        f"--output {busy} already holds ['old.safetensors']; the official loader would read them too: give an " \
-        "empty or new folder"
+        f"--out {busy} is not empty; use --overwrite to replace it".replace("--out ", "--output ")
+    from moecraft.esft.official import export_esft
+
+    with pytest.raises(MoecraftError) as exc:  # from Python, where no output-folder claim comes first
+        export_esft(run, busy)
+    assert str(exc.value) == f"--output {busy} already holds ['old.safetensors']; the official loader would read " \
+        "them too: give an empty or new folder"
     assert fails(capsys, "export", "--artifact", run, "--output", tmp_path / "o", "--format", "esft",
                  "--model", "tiny:qwen3_moe") == \
         "the official ESFT code loads DeepSeek-V2 only (remote-code DeepseekV2MoE layers); this model is 'qwen3_moe'"

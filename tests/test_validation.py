@@ -39,6 +39,7 @@ REQUIRED = {
     "export": ["--artifact", "run", "--output", "exported"],
     "generate": ["--prompt", "hi"],
     "data": ["--data", "builtin:intent"],
+    "import-esft": ["--adapter", "a", "--base", "tiny:deepseek_v2", "--out", "imported"],
 }
 
 

@@ -43,8 +43,12 @@ def run(cfg: ExportConfig) -> int:
     if cfg.format == "esft":
         from moecraft.esft.official import export_esft
 
-        out = export_esft(cfg.artifact, cfg.output, base=cfg.model)
-        write_run_info(out / "moecraft_run_info.json", cfg)
+        # the same output-folder rules as every command: temporary sibling, renamed when complete
+        with output_folder(cfg.output, option="--output", inputs=[cfg.artifact, cfg.model],
+                           overwrite=cfg.overwrite) as tmp:
+            export_esft(cfg.artifact, tmp, base=cfg.model)
+            write_run_info(tmp / "moecraft_run_info.json", cfg)
+        out = cfg.output
         print(f"exported to {out} (official ESFT adapter: esft.add_adapter(model, '{out}'))")
         return 0
     ccfg = read_config(cfg.artifact)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moecraft.config import checked, dtype_name
 from moecraft.esft.official import import_esft
 
 
 @dataclass
+@checked(dtype=dtype_name)
 class ImportEsftConfig:
     adapter: str = field(metadata={"help": "official ESFT adapter folder (*.safetensors + expert_cfg.json)"})
     base: str = field(metadata={"help": "the DeepSeek-V2 base model the adapter was trained on"})
@@ -21,15 +23,20 @@ class ImportEsftConfig:
     expert_config: str | None = field(
         default=None, metadata={"help": "official expert config (default: <adapter>/expert_cfg.json)"})
     dtype: str = field(default="auto", metadata={"help": "dtype to load the base in (auto, float32, bfloat16)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --out"})
 
 
 CONFIG = ImportEsftConfig
 
 
 def run(cfg: ImportEsftConfig) -> int:
+    from moecraft.files import output_folder
     from moecraft.runinfo import write_run_info
 
-    out = import_esft(cfg.adapter, cfg.base, cfg.out, cfg.expert_config, cfg.dtype)
-    write_run_info(out, cfg)
+    # the same output-folder rules as every command: temporary sibling, renamed when complete
+    with output_folder(cfg.out, inputs=[cfg.adapter, cfg.base, cfg.expert_config], overwrite=cfg.overwrite) as tmp:
+        import_esft(cfg.adapter, cfg.base, tmp, cfg.expert_config, cfg.dtype)
+        write_run_info(tmp, cfg)
+    out = cfg.out
     print(f"imported {cfg.adapter} -> {out} (moecraft ESFT artifact on {cfg.base})")
     return 0

@@ -158,8 +158,8 @@ class ExpertConfig:
 
         def flag(*keys: str) -> bool:
             """One option under moecraft's name, the official ESFT name, or both (then they must agree)."""
-            ours, official = keys
-            if ours in d and official in d and d[ours] != d[official]:
+            ours, official = (keys + (None,))[:2]
+            if official is not None and ours in d and official in d and d[ours] != d[official]:
                 raise MoecraftError(f"{path}: '{ours}' is {d[ours]!r} but '{official}' (its official ESFT name) is "
                                     f"{d[official]!r}; make them agree or drop one")
             for key in keys:
