@@ -20,7 +20,7 @@ from moecraft.config import dump_yaml, load_yaml
 from moecraft.errors import MoecraftError
 from moecraft.files import read_json
 from moecraft.pesc.arch import decoder_layers, dense_arch
-from moecraft.pesc.config import CraftConfig
+from moecraft.pesc.config import FFN_PROJ, CraftConfig, base_lora_targets
 from moecraft.pesc.layer import PescMoE
 
 WEIGHTS = "pesc_weights.safetensors"
@@ -44,7 +44,7 @@ def _check(cfg: CraftConfig, n_layers: int) -> list[int]:
     if bad:
         raise MoecraftError(f"layers {bad} out of range: the model has {n_layers} decoder layers")
     if cfg.expert == "lora" and cfg.lora_rank > 0:
-        ffn_targets = {"gate_proj", "up_proj", "down_proj"} & set(cfg.lora_targets)
+        ffn_targets = set(FFN_PROJ) & set(base_lora_targets(cfg))
         if ffn_targets:
             raise MoecraftError(f"lora_targets {sorted(ffn_targets)}: the 'lora' expert kind already adapts the FFN")
     return layers
@@ -114,7 +114,7 @@ def _inject_lora(model: nn.Module, cfg: CraftConfig) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
     lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_targets), bias="none")
+                      target_modules=base_lora_targets(cfg), bias="none")
     inject_adapter_in_model(lcfg, model)
 
 
