@@ -37,7 +37,7 @@ FILES = {"s1.json": "scores.json", "s2.json": "scores.json", "base.json": "score
 # added to every call of a command (after the README's options, so they win): small and fast
 FAST = {
     "score": ["--seq-len", "64", "--n-sequences", "2"],
-    "train": ["--seq-len", "64", "--max-steps", "2", "--eval-sequences", "1", "--progress", "false"],
+    "train": ["--seq-len", "256", "--max-steps", "2", "--eval-sequences", "1", "--progress", "false"],
     "eval": ["--limit", "2", "--max-new-tokens", "4", "--seq-len", "64"],
     "generate": ["--max-new-tokens", "4"],
     "demo": ["--steps", "2", "--eval-limit", "2", "--max-new-tokens", "4", "--seq-len", "64"],
