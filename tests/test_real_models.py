@@ -5,7 +5,7 @@ SmolLM2-135M-Instruct (Llama architecture) as the Q4_1 GGUF file that the ``llm-
 (dequantized by transformers) and converted with ``moecraft convert``; the other tests use the converted folder.
 
 Outside CI the tier skips, with the reason, when the package is absent; under ``MOECRAFT_REAL_MODELS=required``
-(set by .ci/run) it fails instead. CPU time of the whole tier: about 2 minutes on one thread (see BENCHMARKS.md).
+(set by .ci/run) it fails instead. CPU time: see BENCHMARKS.md (about 140 s for the first three tests).
 """
 
 from __future__ import annotations
