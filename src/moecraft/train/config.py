@@ -58,17 +58,25 @@ class TrainConfig:
     # --- PESC (read by moecraft.methods.pesc; None = the CraftConfig default, i.e. the paper's)
     pesc_expert: Literal["adapter", "lora"] | None = field(
         default=None, metadata=_h("PESC: expert kind, adapter (default) or lora (MixLoRA, exports as Mixtral)"))
-    pesc_num_experts: int | None = field(default=None, metadata=_h("PESC: experts per crafted layer (default 8)"))
-    pesc_top_k: int | None = field(default=None, metadata=_h("PESC: experts per token (default 2)"))
-    pesc_adapter_dim: int | None = field(default=None, metadata=_h("PESC: adapter dim / expert LoRA rank (default 512)"))
-    pesc_scaling: float | None = field(default=None, metadata=_h("PESC: expert output scaling s (default 0.25)"))
+    pesc_num_experts: int | None = field(default=None, metadata=_h("PESC: experts per crafted layer (default 8: paper, official script)"))
+    pesc_top_k: int | None = field(default=None, metadata=_h("PESC: experts per token (default 2: paper, official script)"))
+    pesc_adapter_dim: int | None = field(default=None, metadata=_h("PESC: adapter dim / expert LoRA rank (default 512: paper)"))
+    pesc_scaling: float | None = field(default=None, metadata=_h("PESC: expert output scaling s (default 0.25: paper)"))
     pesc_dropout: float | None = field(default=None, metadata=_h("PESC: dropout on the expert input (default 0)"))
     pesc_layers: list[int] | None = field(default=None, metadata=_h("PESC: decoder layers to craft (default all)"))
     pesc_aux_loss_coef: float | None = field(
-        default=None, metadata=_h("PESC: load-balancing loss coefficient (default 0.01)"))
-    pesc_lora_rank: int | None = field(default=None, metadata=_h("PESC: LoRA rank on attention (default 0 = off)"))
+        default=None, metadata=_h("PESC: load-balancing loss coefficient (default 0.01: paper)"))
+    pesc_lora_rank: int | None = field(
+        default=None, metadata=_h("PESC: LoRA rank on the base's linear layers (default 64, official PESC script; 0 = off)"))
+    pesc_lora_alpha: float | None = field(default=None, metadata=_h("PESC: base LoRA alpha (default 16, official script)"))
+    pesc_lora_dropout: float | None = field(
+        default=None, metadata=_h("PESC: base LoRA dropout (default 0.1, official script)"))
+    pesc_lora_targets: list[str] | None = field(
+        default=None, metadata=_h("PESC: base modules given LoRA (default q,k,v,o,gate,up,down _proj, official script; "
+                                  "no FFN ones for --pesc-expert lora)"))
     pesc_quantize: Literal["auto", "none", "nf4"] | None = field(
-        default=None, metadata=_h("PESC: nf4 = QLoRA 4-bit base (CUDA + bitsandbytes); auto = nf4 if available"))
+        default=None, metadata=_h("PESC: nf4 = QLoRA 4-bit NF4 base (official script; CUDA + bitsandbytes); "
+                                  "auto (default) = nf4 if available"))
     # --- data
     eval_data: str | None = field(
         default=None, metadata=_h("held-out data; default: builtin:<task>:eval, else eval_fraction of --data"))
