@@ -51,10 +51,12 @@ def test_gguf_file_that_is_not_gguf(capsys, tmp_path):
 def test_gguf_missing_file_and_folder_with_several(capsys, tmp_path):
     assert fails(capsys, "generate", "--model", "./no/such.gguf", "--prompt", "hi") == "GGUF file not found: ./no/such.gguf"
     assert fails(capsys, "craft", "--model", "such.gguf", "--output", tmp_path / "o") == "GGUF file not found: such.gguf"
+    models = tmp_path / "models"
+    models.mkdir()
     for name in ("a.gguf", "b.gguf"):
-        (tmp_path / name).write_bytes(b"GGUF")
-    msg = fails(capsys, "craft", "--model", tmp_path, "--output", tmp_path / "out")
-    assert msg == f"{tmp_path} holds several GGUF files (a.gguf, b.gguf); pass one of them as --model"
+        (models / name).write_bytes(b"GGUF")
+    msg = fails(capsys, "craft", "--model", models, "--output", tmp_path / "out")
+    assert msg == f"{models} holds several GGUF files (a.gguf, b.gguf); pass one of them as --model"
     assert not (tmp_path / "out").exists()
 
 
@@ -88,7 +90,7 @@ def test_convert_out_not_empty(capsys, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    assert fails(capsys, "convert", "--model", "tiny:llama", "--out", out) == f"--out {out} is not empty; give a new or empty folder"
+    assert fails(capsys, "convert", "--model", "tiny:llama", "--out", out) == f"--out {out} is not empty; use --overwrite to replace it"
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 

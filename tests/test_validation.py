@@ -40,6 +40,7 @@ REQUIRED = {
     "generate": ["--prompt", "hi"],
     "data": ["--data", "builtin:intent"],
     "import-esft": ["--adapter", "a", "--base", "tiny:deepseek_v2", "--out", "imported"],
+    "convert": ["--model", "tiny:llama", "--out", "converted"],
 }
 
 

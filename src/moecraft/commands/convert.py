@@ -13,13 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moecraft.errors import MoecraftError
+from moecraft.config import checked, dtype_name
 
 
 @dataclass
+@checked(dtype=dtype_name)
 class ConvertConfig:
     model: str = field(metadata={"help": "model to convert: a .gguf file, a folder holding one, or any other --model"})
     out: str = field(metadata={"help": "folder to write (must not exist, or be empty)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --out (once the new one is complete)"})
     dtype: str = field(default="auto", metadata={"help": "dtype of the written weights (auto: the loaded float "
                                                          "type, float32 for GGUF; float32, bfloat16)"})
 
@@ -29,27 +31,24 @@ CONFIG = ConvertConfig
 
 def convert(cfg: ConvertConfig) -> Path:
     """Load ``cfg.model`` and ``save_pretrained`` model and tokenizer to ``cfg.out``; returns the folder."""
-    from moecraft.files import check_output_folder
+    from moecraft.files import output_folder
     from moecraft.models import _gguf_tokenizer, gguf_file, load_model
     from moecraft.runinfo import write_run_info
 
-    out = Path(cfg.out)
-    check_output_folder(out, "--out")
-    if out.is_dir() and any(out.iterdir()):
-        raise MoecraftError(f"--out {out} is not empty; give a new or empty folder")
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
-    gguf = gguf_file(cfg.model)
-    if gguf is not None:
-        # the tokenizer as the file has it: load_tokenizer() would fill in moecraft's generic chat template
-        # when the file has none, and that must not be written out as if it were the model's own
-        tokenizer = _gguf_tokenizer(gguf)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    write_run_info(out, cfg)
-    return out
+    # the same output-folder rules as every command: temporary sibling, renamed when complete
+    with output_folder(cfg.out, inputs=[cfg.model], overwrite=cfg.overwrite) as tmp:
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
+        gguf = gguf_file(cfg.model)
+        if gguf is not None:
+            # the tokenizer as the file has it: load_tokenizer() would fill in moecraft's generic chat template
+            # when the file has none, and that must not be written out as if it were the model's own
+            tokenizer = _gguf_tokenizer(gguf)
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        write_run_info(tmp, cfg)
+    return Path(cfg.out)
 
 
 def run(cfg: ConvertConfig) -> int:

@@ -27,7 +27,7 @@ def _pesc_top_k_fits(cfg: TrainConfig) -> None:
     _pesc_top_k_fits, non_empty("pesc_layers"),
     lora_r=">= 1", lora_alpha=">= 1", lora_dropout="[0, 1)",
     pesc_num_experts=">= 1", pesc_top_k=">= 1", pesc_adapter_dim=">= 1", pesc_scaling="> 0", pesc_dropout="[0, 1)",
-    pesc_layers=">= 0", pesc_aux_loss_coef=">= 0", pesc_lora_rank=">= 0",
+    pesc_layers=">= 0", pesc_aux_loss_coef=">= 0", pesc_lora_rank=">= 0", pesc_lora_alpha="> 0", pesc_lora_dropout="[0, 1)",
     eval_fraction="(0, 1)", eval_sequences=">= 1", mix_ratio="[0, 1)", max_records=">= 0", seq_len=">= 2",
     max_steps=">= 1", batch_size=">= 1", grad_accum=">= 1", lr="> 0", weight_decay=">= 0", adam_beta1="[0, 1)",
     adam_beta2="[0, 1)", warmup_steps=">= 0", min_lr_ratio="[0, 1]", max_grad_norm=">= 0", expert_parallel=">= 1",
