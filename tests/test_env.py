@@ -127,4 +127,4 @@ def test_env_text_and_check(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"moecraft env: error: installed versions are not those of {stale}: peft {pins['peft']} (locked "
                    f"0.0.1), datasets {pins['datasets']} (not locked); after a change of dependencies in "
-                   "pyproject.toml, refresh the lock with `make lock`"]
+                   "pyproject.toml, refresh the lock with `make lock`; otherwise install into a fresh venv"]

@@ -20,7 +20,7 @@ from packaging.version import Version
 from moecraft.errors import MoecraftError
 
 # pyproject.toml's lower bounds (tests/test_env.py checks they agree); the lowest versions CI's second stage runs
-MINIMUM = {"transformers": "5.19", "peft": "0.20", "accelerate": "1.1"}
+MINIMUM = {"transformers": "5.19", "peft": "0.20", "accelerate": "1.10"}
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,8 @@ class Feature:
 
 FEATURES: dict[str, Feature] = {
     # 5.13 gave every MoE family of moecraft a router module returning (logits, top-k weights, top-k ids);
-    # 5.19 made DeepSeek-V2 return router logits (bench/replicate's pretraining); accelerate >= 1.1 is its own need
+    # 5.19 made DeepSeek-V2 return router logits (bench/replicate's pretraining). accelerate 1.1 (transformers' own
+    # minimum) hangs under DeepSpeed on CPU; 1.10 passes
     "moe_layout": Feature("transformers", MINIMUM["transformers"],
                           "MoE routers that return (logits, weights, indices) and fused expert tensors"),
     # 5.22 moved token dispatch into transformers.distributed.expert_parallel (EpDispatchExpertsParallel)

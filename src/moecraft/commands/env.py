@@ -243,4 +243,5 @@ def check_lock(lock: dict[str, Any]) -> None:
     wrong += [f"{n} {v} (not locked)" for n, v in lock["unpinned"].items()]
     if wrong:
         raise MoecraftError(f"installed versions are not those of {lock['file']}: {', '.join(wrong)}; after a change of "
-                            "dependencies in pyproject.toml, refresh the lock with `make lock`")
+                            "dependencies in pyproject.toml, refresh the lock with `make lock`; otherwise install "
+                            "into a fresh venv")
