@@ -19,7 +19,10 @@ from packaging.version import Version
 
 from moecraft.errors import MoecraftError
 
-# pyproject.toml's lower bounds (tests/test_env.py checks they agree); the lowest versions CI's second stage runs
+# pyproject.toml's lower bounds (tests/test_env.py checks they agree), the versions CI's second stage runs. Below
+# them the suite fails: transformers 5.13 to 5.18 lack DeepSeek-V2's router logits output (bench/replicate), older
+# ones the router modules; peft 0.19 takes the fused expert tensors the wrong way round; accelerate 1.1
+# (transformers' own minimum) hangs under DeepSpeed on CPU (1.2 to 1.9 untried)
 MINIMUM = {"transformers": "5.19", "peft": "0.20", "accelerate": "1.10"}
 
 
@@ -31,9 +34,7 @@ class Feature:
 
 
 FEATURES: dict[str, Feature] = {
-    # 5.13 gave every MoE family of moecraft a router module returning (logits, top-k weights, top-k ids);
-    # 5.19 made DeepSeek-V2 return router logits (bench/replicate's pretraining). accelerate 1.1 (transformers' own
-    # minimum) hangs under DeepSpeed on CPU; 1.10 passes
+    # 5.13 gave every MoE family of moecraft a router module returning (logits, top-k weights, top-k ids)
     "moe_layout": Feature("transformers", MINIMUM["transformers"],
                           "MoE routers that return (logits, weights, indices) and fused expert tensors"),
     # 5.22 moved token dispatch into transformers.distributed.expert_parallel (EpDispatchExpertsParallel)
