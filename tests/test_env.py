@@ -109,7 +109,9 @@ def test_env_json_reports_the_installed_versions(capsys, tmp_path):
 
 
 def test_env_text_and_check(capsys, tmp_path):
-    pins = {env_cmd._normalize(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    # the version import would find (the first on the path), as moecraft env reports it
+    pins = {env_cmd._normalize(d.metadata["Name"]): importlib.metadata.version(d.metadata["Name"])
+            for d in importlib.metadata.distributions()}
     lock = tmp_path / "lock.txt"
     lock.write_text("".join(f"{n}=={v}\n" for n, v in pins.items() if n not in env_cmd._NOT_LOCKED))
     assert main(["env", "--constraints", str(lock), "--check"]) == 0  # everything installed, as locked
