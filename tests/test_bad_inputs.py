@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from moecraft import compat
 from moecraft.artifacts import base_fingerprint, write_manifest
 from moecraft.cli import main
 from moecraft.errors import MoecraftError
@@ -582,6 +583,10 @@ def test_sample_without_response_tokens(capsys, tmp_path):
 
 
 def test_expert_parallel_settings_checked_before_any_work(capsys, tmp_path):
+    if not compat.supports("expert_parallel"):  # this transformers refuses it first, naming the versions
+        with pytest.raises(MoecraftError, match=r"^moecraft needs transformers >= 5\.22 for --expert-parallel"):
+            compat.expert_parallel_api()
+        return
     folder = save_tiny(tmp_path / "base", "deepseek_v2")
     experts = tmp_path / "experts.json"
     experts.write_text(json.dumps({"format": "moecraft.expert_config/1", "experts": {"1": [0]}}))
@@ -720,3 +725,40 @@ def test_chat_template_kwargs_not_a_json_object(capsys, tmp_path):
     assert files_under(out) == []
     assert fails(capsys, *SCORE, "--chat-template-kwargs", "[1]").startswith(
         "option 'chat_template_kwargs' expects a JSON object")
+
+def test_library_below_the_supported_versions(capsys, tmp_path, monkeypatch):
+    real = compat.version_of
+    monkeypatch.setattr(compat, "version_of", lambda p: "5.10.1" if p == "transformers" else real(p))
+    out = tmp_path / "scores.json"
+    msg = fails(capsys, *SCORE, "--data", "builtin:intent", "--out", out)
+    assert msg == (f"moecraft needs transformers >= {compat.MINIMUM['transformers']} (found 5.10.1); install the tested "
+                   "versions with `pip install -c constraints.txt -e .` (README, Install)")
+    assert not out.exists()
+    assert main(["env"]) == 0 and "transformers" in capsys.readouterr().out  # env still reports, to show why
+
+
+def test_library_too_old_for_a_feature(capsys, tmp_path, monkeypatch):
+    real = compat.version_of
+    # transformers 5.21: every command works but --expert-parallel (5.22's token dispatch); checked before any work
+    monkeypatch.setattr(compat, "version_of", lambda p: "5.21.0" if p == "transformers" else real(p))
+    folder = save_tiny(tmp_path / "base", "deepseek_v2")
+    experts = tmp_path / "experts.json"
+    experts.write_text(json.dumps({"format": "moecraft.expert_config/1", "experts": {"1": [0]}}))
+    out = tmp_path / "run"
+    msg = fails(capsys, "train", "--model", folder, "--data", "builtin:intent", "--out", out, "--seq-len", "64",
+                "--max-steps", "1", "--experts", experts, "--expert-parallel", "2")
+    assert msg == ("moecraft needs transformers >= 5.22 for --expert-parallel (DistributedConfig(ep_size=...) with "
+                   "expert-parallel token dispatch); found transformers 5.21.0")
+    assert files_under(out) == []
+    # peft 0.19 (below the minimum, which the CLI refuses first): from Python, LoRA on the experts is refused
+    monkeypatch.setattr(compat, "version_of", lambda p: "0.19.1" if p == "peft" else real(p))
+    cfg = SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_experts=True)
+    with pytest.raises(MoecraftError) as err:
+        get_method("lora").prepare(tiny_model("deepseek_v2"), cfg)
+    assert str(err.value) == ("moecraft needs peft >= 0.20 for LoRA on the fused routed-expert tensors "
+                              "(--lora-experts); found peft 0.19.1")
+
+
+def test_env_constraints_file_missing(capsys, tmp_path):
+    msg = fails(capsys, "env", "--constraints", tmp_path / "nope.txt")
+    assert msg == f"constraints file not found: {tmp_path / 'nope.txt'}"

@@ -15,15 +15,17 @@ from launchers import torchrun
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from moecraft import compat
 from moecraft.artifacts import load_artifact
 from moecraft.errors import MoecraftError
 from moecraft.models import byte_tokenizer, tiny_model
 from moecraft.train import TrainConfig, train
 from moecraft.train.checkpoint import read_state
 
-transformers_distributed = pytest.importorskip("transformers.distributed")
-if "ep_size" not in transformers_distributed.DistributedConfig.__dataclass_fields__:
-    pytest.skip("this transformers has no expert-parallel plan with token dispatch", allow_module_level=True)
+# transformers before 5.22 has no expert-parallel token dispatch: moecraft refuses --expert-parallel there, naming the
+# versions (the last test), and the tests that run it cannot run
+needs_ep = pytest.mark.skipif(not compat.supports("expert_parallel"),
+                              reason="this transformers has no expert-parallel token dispatch (refusal tested)")
 
 # 16 experts per layer: process 0 owns 0-7, process 1 owns 8-15, so process 1 trains no expert of layer 1
 EXPERTS = {"1": [3, 7], "2": [0, 5, 9]}
@@ -51,6 +53,7 @@ def _assert_same(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[name], b[name], **TOL, msg=name)
 
 
+@needs_ep
 def test_expert_parallel_esft_trains_like_one_process_and_resumes(tmp_path, base):
     experts = _expert_config(tmp_path)
     common = dict(model=str(base), data="builtin:intent", method="esft", experts=experts, seq_len=128, max_steps=3,
@@ -89,6 +92,7 @@ def test_expert_parallel_esft_trains_like_one_process_and_resumes(tmp_path, base
         assert torch.equal(t, trained[name]), name
 
 
+@needs_ep
 @pytest.mark.parametrize("change, message", [
     (dict(method="lora"), "--expert-parallel is for --method esft"),
     (dict(expert_parallel=0), "option 'expert_parallel' must be >= 1, got 0"),
@@ -102,6 +106,7 @@ def test_expert_parallel_bad_settings_are_refused(tmp_path, base, change, messag
     assert not (tmp_path / "out").exists()
 
 
+@needs_ep
 def test_a_sharded_load_needs_a_saved_model():
     from moecraft.models import load_model
 
@@ -109,6 +114,7 @@ def test_a_sharded_load_needs_a_saved_model():
         load_model("tiny:deepseek_v2", distributed_config=object())
 
 
+@needs_ep
 def test_shared_or_non_expert_training_is_refused_under_expert_parallelism(tmp_path, base):
     from types import SimpleNamespace
 
@@ -124,6 +130,7 @@ def test_shared_or_non_expert_training_is_refused_under_expert_parallelism(tmp_p
         METHOD.prepare(model, cfg)
 
 
+@needs_ep
 def test_expert_parallel_scoring_sums_every_process_share(tmp_path, base):
     """3 sequences on 2 processes: one of them also runs a batch that counts nothing, to keep the all-to-alls
     in step; the summed statistics are those of one process scoring all 3."""
@@ -138,3 +145,13 @@ def test_expert_parallel_scoring_sums_every_process_share(tmp_path, base):
     assert two.n_tokens == one.n_tokens == 3 * 64
     assert torch.equal(two.token_count, one.token_count)  # every token picks the same experts
     torch.testing.assert_close(two.gate_sum, one.gate_sum, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.skipif(compat.supports("expert_parallel"), reason="this transformers has expert parallelism")
+def test_expert_parallel_is_refused_naming_the_versions():
+    from moecraft.esft.expert_parallel import expert_parallel_config
+
+    with pytest.raises(MoecraftError) as err:
+        expert_parallel_config(2, 2)
+    assert str(err.value) == (f"moecraft needs transformers >= 5.22 for --expert-parallel (DistributedConfig(ep_size=...)"
+                              f" with expert-parallel token dispatch); found transformers {compat.version_of('transformers')}")

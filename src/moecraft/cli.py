@@ -12,6 +12,7 @@ import pkgutil
 import sys
 
 from moecraft import commands
+from moecraft.compat import check_supported_versions
 from moecraft.config import ConfigError, add_arguments, dump_yaml, resolve
 from moecraft.errors import MoecraftError
 
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     module = args._module
     try:
+        if args.command != "env":  # env reports the versions, whatever they are
+            check_supported_versions()
         cfg = resolve(module.CONFIG, args)
         if args._print_config:
             print(dump_yaml(cfg), end="")

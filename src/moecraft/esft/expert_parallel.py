@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moecraft.compat import expert_parallel_api, mesh_manager
 from moecraft.errors import MoecraftError
 from moecraft.esft.sparse import SparseExperts, _child_name, _clone_with, _expert_param_names, sparse_modules
 from moecraft.families import moe_layers
@@ -42,17 +43,7 @@ class ExpertShard:
 
 def expert_parallel_config(ep_size: int, world_size: int):
     """transformers' ``DistributedConfig`` for ESFT with ``ep_size`` processes, each owning 1/ep_size experts."""
-    import transformers
-
-    try:
-        from transformers.distributed import DistributedConfig
-        from transformers.distributed.expert_parallel import EpDispatchExpertsParallel  # noqa: F401
-    except ImportError:
-        DistributedConfig = None
-    if DistributedConfig is None or "ep_size" not in DistributedConfig.__dataclass_fields__:
-        raise MoecraftError(f"--expert-parallel needs transformers' expert-parallel plan with token dispatch "
-                            f"(DistributedConfig(ep_size=...), tested with transformers 5.23); this is "
-                            f"{transformers.__version__}")
+    DistributedConfig, _ = expert_parallel_api()  # a clear error naming the versions where it is missing
     if ep_size != world_size:
         raise MoecraftError(f"--expert-parallel {ep_size} must equal the number of processes ({world_size}): each "
                             "process owns 1/N of the experts and trains on its own batches")
@@ -70,12 +61,11 @@ def apply_sparse_experts_ep(model: nn.Module, experts: Mapping[int | str, list[i
     Every layer with selected experts is wrapped on every process (with no trainable expert where the
     process owns none of them), so all processes hold the same parameter names and run the same collectives.
     """
-    from transformers.distributed.expert_parallel import EpDispatchExpertsParallel
-
     from moecraft.train.distributed import _input_requires_grad
 
+    _, EpDispatchExpertsParallel = expert_parallel_api()
     implementation = model.config.distributed_config.ep_implementation
-    mesh = model._mesh_manager
+    mesh = mesh_manager(model)
     ep_mesh, tp_mesh = mesh.get_mesh("ep"), mesh.get_mesh("tp")
     rank = ep_mesh.get_local_rank()
     wanted = {int(k): sorted(int(i) for i in v) for k, v in experts.items() if len(v)}

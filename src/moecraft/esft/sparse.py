@@ -25,14 +25,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from moecraft.compat import apply_gate, experts_implementation
+from moecraft.compat import grouped_linear as _grouped_linear
 from moecraft.errors import MoecraftError
 from moecraft.esft.expert_lora import effective_group
 from moecraft.families import moe_layers
-
-try:  # transformers' grouped GEMM helper (CPU fallback included); private, so optional
-    from transformers.integrations.moe import _grouped_linear
-except ImportError:  # pragma: no cover
-    _grouped_linear = None
 
 
 def _expert_param_names(experts: nn.Module, num_experts: int) -> list[str]:
@@ -67,7 +64,7 @@ def _grouped_experts(group: nn.Module, x: torch.Tensor, ids: torch.Tensor) -> to
     up = group.gate_up_proj if has_gate else group.up_proj
     up_bias = (group.gate_up_proj_bias if has_gate else group.up_proj_bias)[ids] if has_bias else None
     h = _grouped_linear(x, up, offsets, bias=up_bias, is_transposed=transposed)
-    h = group._apply_gate(h) if has_gate else group.act_fn(h)
+    h = apply_gate(group, h) if has_gate else group.act_fn(h)
     down_bias = group.down_proj_bias[ids] if has_bias else None
     h = _grouped_linear(h, group.down_proj, offsets, bias=down_bias, is_transposed=transposed)
     if getattr(group, "has_post_expert_norm", False):
@@ -130,7 +127,7 @@ class SparseExperts(nn.Module):
 
     @property
     def implementation(self) -> str:
-        return getattr(self.impl_config, "_experts_implementation", None) or "eager"
+        return experts_implementation(self.impl_config)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from moecraft.compat import peft_weight_conversion, require
 from moecraft.errors import MoecraftError
 from moecraft.methods import ExtraLoss, trainable_param_groups
 
@@ -66,9 +67,8 @@ def _targets_as_written() -> Iterator[None]:
     ``lora_experts`` or not (huggingface/peft#3711). Saving and loading go through here too, so an artifact
     loads onto exactly the modules it was trained on.
     """
-    try:
-        from peft.utils import transformers_weight_conversion as conversion
-    except ImportError:  # transformers 4, or a peft without the rewrite: nothing to keep off
+    conversion = peft_weight_conversion()
+    if conversion is None:  # a peft without the rewrite: nothing to keep off
         yield
         return
     original = conversion.convert_peft_config_for_transformers
@@ -88,6 +88,7 @@ class LoRA:
 
         kw = {}
         if getattr(cfg, "lora_experts", False):
+            require("lora_experts")
             if cfg.lora_dropout:
                 raise MoecraftError(f"lora_experts needs lora_dropout 0 (got {cfg.lora_dropout}): peft cannot apply "
                                     "dropout to the fused routed-expert tensors")

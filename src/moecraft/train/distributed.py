@@ -149,12 +149,14 @@ def check_engine(accelerator, batch_size: int, grad_accum: int, max_grad_norm: f
     import os
     import warnings
 
+    from moecraft.compat import fsdp_version
+
     kind = accelerator.distributed_type.name
     for engine in ("FSDP", "DEEPSPEED"):
         if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true" and kind != engine:
             warnings.warn(f"{engine} was requested but this run is {kind} (plain data parallel): accelerate runs "
                           "FSDP only on accelerators, and DeepSpeed on CPU only under a launcher", stacklevel=2)
-    if kind == "FSDP" and accelerator.state.fsdp_plugin.fsdp_version == 1 \
+    if kind == "FSDP" and fsdp_version(accelerator.state.fsdp_plugin) == 1 \
             and not accelerator.state.fsdp_plugin.use_orig_params:
         raise MoecraftError("FSDP1 cannot put frozen and trainable tensors in one unit without use_orig_params; "
                             "use FSDP2 (configs/accelerate/fsdp2.yaml)")
@@ -168,7 +170,7 @@ def check_engine(accelerator, batch_size: int, grad_accum: int, max_grad_norm: f
                 raise MoecraftError("DeepSpeed zero3_init_flag builds the model already partitioned, but moecraft "
                                     "restructures the whole model's experts first (ESFT, PESC); set "
                                     "zero3_init_flag: false (configs/accelerate/zero3.yaml)")
-            from transformers.integrations import unset_hf_deepspeed_config
+            from moecraft.compat import unset_hf_deepspeed_config
 
             # accelerate registers its ZeRO-3 config with transformers even with the flag off, and transformers
             # then builds every model partitioned (deepspeed.zero.Init); the engine partitions it at prepare
