@@ -31,6 +31,7 @@ SUBSTITUTE = {
     "meta-llama/Llama-2-7b-hf": "tiny:llama",
     "M": "tiny:deepseek_v2",
     "SmolLM2-135M-Instruct.Q4_1.gguf": "tiny:llama",  # the real file is tested in tests/test_real_models.py
+    "Qwen/Qwen3-30B-A3B": "tiny:qwen3_moe",
 }
 # files the README's commands read but no README command writes: target -> an earlier output it copies
 FILES = {"s1.json": "scores.json", "s2.json": "scores.json", "base.json": "scores.json", "tuned.json": "scores.json"}
@@ -84,6 +85,12 @@ def _data_file(path: Path) -> None:
 
     records = load_records("builtin:intent", 24)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), str(path))
+        return
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
 
@@ -104,7 +111,7 @@ def test_readme_command_runs(line, command, workdir, monkeypatch, capsys):
     argv = runnable(command)
     for arg in argv:
         for part in arg.replace("=", ",").split(","):
-            if part.endswith(".jsonl") and not Path(part).exists():
+            if part.endswith((".jsonl", ".parquet")) and not Path(part).exists():
                 _data_file(Path(part))
             if part in FILES and not Path(part).exists() and Path(FILES[part]).exists():
                 shutil.copy(FILES[part], part)
