@@ -13,12 +13,14 @@ from typing import Any
 
 from torch import nn
 
-from moecraft.artifacts import TENSORS, apply_tensors, read_tensors, save_tensors
+from moecraft.artifacts import TENSORS, save_tensors
 from moecraft.families import moe_layers
-from moecraft.methods import ExtraLoss, trainable_param_groups
+from moecraft.methods.fft import FFT
 
 
-class RouterTuning:
+class RouterTuning(FFT):
+    """FFT's artifact handling (whole tensors, loaded as they are), on the routers alone."""
+
     name = "router"
     default_lr = 1e-4  # moecraft's choice for these small tensors (not taken from the paper); --lr to change
 
@@ -28,22 +30,8 @@ class RouterTuning:
             layer.router.requires_grad_(True)
         return model
 
-    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
-        return trainable_param_groups(model, weight_decay)
-
-    def extra_loss(self, model: nn.Module) -> ExtraLoss:
-        return ExtraLoss(None, {})
-
     def save(self, model: nn.Module, out_dir: Path, cfg: Any) -> None:
         save_tensors(Path(out_dir) / TENSORS, {n: p for n, p in model.named_parameters() if p.requires_grad})
-
-    def load(self, base_model: nn.Module, artifact_dir: Path) -> nn.Module:
-        tensors, rows = read_tensors(Path(artifact_dir) / TENSORS)
-        apply_tensors(base_model, tensors, rows, str(artifact_dir))
-        return base_model
-
-    def merge(self, model: nn.Module) -> nn.Module:
-        return model
 
 
 METHOD = RouterTuning()
