@@ -675,7 +675,7 @@ def test_bad_data_format_options(capsys, tmp_path):
     assert not (tmp_path / "run").exists()
     assert fails(capsys, "score", "--data", data, "--message-property-mappings", "from").startswith(
         "command line: option 'message_property_mappings' expects dict, got 'from'")
-    assert fails(capsys, "data", "--data", data, "--examples", "-1") == "examples must be >= 0, got -1"
+    assert fails(capsys, "data", "--data", data, "--examples", "-1") == "command line: option 'examples' must be >= 0, got -1"
 
 
 def test_folder_with_files_of_several_splits(capsys, tmp_path):
