@@ -263,9 +263,9 @@ def test_a_failing_merge_overwrite_keeps_the_old_output(capsys, tmp_path, base_a
     def broken(self, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedModel
 
-    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", broken)
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", broken)  # a full disk while writing the weights
     with pytest.raises(OSError):
         main(["merge", "--artifact", str(run), "--out", str(out), "--overwrite"])
     assert snapshot(out) == {"old.txt": hashlib.sha256(b"old result\n").hexdigest()} and leftovers(tmp_path) == []
