@@ -22,6 +22,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 from moecraft import compat
+from moecraft.config import checked
 from moecraft.errors import MoecraftError
 
 # what a bug report needs, in this order; then the libraries under them
@@ -31,6 +32,7 @@ _NOT_LOCKED = {"moecraft", "pip", "setuptools", "wheel"}  # the lock leaves out 
 
 
 @dataclass
+@checked()
 class EnvConfig:
     json: bool = field(default=False, metadata={"help": "print one JSON object (for bug reports)"})
     constraints: str | None = field(default=None, metadata={
