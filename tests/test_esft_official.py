@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_bad_inputs import fails  # the CLI error contract: exit 2, one line, no traceback
 from transformers import AutoModelForCausalLM
 
 from moecraft.artifacts import load_artifact, read_tensors, save_tensors
@@ -222,13 +223,6 @@ def test_select_output_carries_the_official_keys(tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad inputs (docs/errors.md §12)
-def fails(capsys, *argv) -> str:
-    rc = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert rc == 2 and "Traceback" not in err, err[-500:]
-    lines = [line for line in err.splitlines() if line.startswith("moecraft ")]
-    assert len(lines) == 1 and lines[0].startswith(f"moecraft {argv[0]}: error: "), err[-500:]
-    return lines[0].split(": error: ", 1)[1]
 
 
 def test_expert_config_with_disagreeing_official_keys(capsys, tmp_path):

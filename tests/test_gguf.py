@@ -8,22 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_bad_inputs import fails  # the CLI error contract: exit 2, one line, no traceback
 
 from moecraft.cli import main
 from moecraft.errors import MoecraftError, UnsupportedModelError
 from moecraft.models import gguf_file, load_model
-
-
-def fails(capsys, *argv) -> str:
-    """Run the CLI, assert the error contract (exit 2, one clear line, no traceback); return the message."""
-    rc = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    assert rc == 2, f"exit code {rc}; stderr: {captured.err[-500:]}"
-    assert "Traceback" not in captured.err
-    prefix = f"moecraft {argv[0]}: error: "
-    lines = [line for line in captured.err.splitlines() if line.startswith("moecraft ")]
-    assert len(lines) == 1 and lines[0].startswith(prefix), captured.err[-500:]
-    return lines[0][len(prefix):]
 
 
 def write_gguf(path: Path, arch: str) -> Path:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_bad_inputs import fails  # the CLI error contract: exit 2, one line, no traceback
 
 from moecraft.cli import main
 from moecraft.errors import MoecraftError
@@ -28,17 +29,6 @@ from moecraft.models import byte_tokenizer, load_model, tiny_model
 from moecraft.train import TrainConfig, train
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-def fails(capsys, *argv) -> str:
-    """Run the CLI; assert exit 2 with one error line and no traceback; return the message."""
-    rc = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert rc == 2, err[-800:]
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.startswith("moecraft ")]
-    assert len(lines) == 1 and lines[0].startswith(f"moecraft {argv[0]}: error: "), err[-800:]
-    return lines[0].split(": error: ", 1)[1]
 
 
 def snapshot(path: Path) -> dict[str, str]:
