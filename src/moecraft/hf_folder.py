@@ -120,8 +120,10 @@ def write_legacy_config(out: Path) -> None:
 def write_tokenizer(tokenizer, out: str | Path, base: str | None = None) -> list[str]:
     """The base's tokenizer files copied byte for byte when they are local; else ``tokenizer`` saved by
     transformers, with the class name that transformers 4.x also knows. Returns the names copied."""
-    out = Path(out)
-    folder = base_folder(base) if base else None
+    return _write_tokenizer(tokenizer, Path(out), base_folder(base) if base else None)
+
+
+def _write_tokenizer(tokenizer, out: Path, folder: Path | None) -> list[str]:
     if folder is not None and (folder / "tokenizer_config.json").is_file():
         return _copy_tokenizer_files(folder, out)
     if tokenizer is not None:
@@ -146,8 +148,8 @@ def save_model_folder(model, tokenizer, out: str | Path, base: str | None = None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), save_original_format=True)
-    folder = base_folder(base) if base else None
-    copied = write_tokenizer(tokenizer, out, base)
+    folder = base_folder(base) if base else None  # looked up once: a hub id means a cache search
+    copied = _write_tokenizer(tokenizer, out, folder)
     if folder is not None:
         for name in CONFIG_FILES:  # transformers' own, written just now, give way to the base's
             (out / name).unlink(missing_ok=True)
