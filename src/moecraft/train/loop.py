@@ -55,6 +55,7 @@ from moecraft.train.stopping import (
     last_good,
     stop_requested,
 )
+from moecraft.train.tracking import Tracking, accelerator_options, check_trackers, hyperparameters
 
 Seq = tuple[list[int], list[int]]
 
@@ -162,11 +163,12 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.expert_parallel > 1 and cfg.method != "esft":
         raise MoecraftError(f"--expert-parallel is for --method esft (got {cfg.method}); shard other methods with "
                             "FSDP2 or ZeRO-3 (docs/distributed.md)")
+    check_trackers(cfg.report_to)
 
 
 # settings that may change between a killed run and its --resume; any other change would alter the run
 _RESUMABLE_CHANGES = {"out", "resume", "overwrite", "progress", "log_every", "eval_every", "save_every",
-                      "deterministic", "save_on_interrupt"}
+                      "deterministic", "save_on_interrupt", "report_to"}
 # paths whose *contents* the checkpoint records (checkpoint.run_inputs): a moved file is the same input, an
 # edited one is not
 _CONTENT_CHECKED = {"data", "eval_data", "mix_data", "experts"}
@@ -250,11 +252,17 @@ def _train(cfg: TrainConfig, stop_after: int | None, folder: RunFolder, stop: St
     train_seqs, eval_seqs = data if data is not None else build_data(cfg, tokenizer, engine.world)
     metrics_path = _start_run_folder(cfg, folder, engine, step, resumed=blob is not None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    loop = _Loop(cfg, method, engine, opt, train_seqs, eval_seqs, pad_id, metrics_path, inputs, step,
-                 saved_step=step if blob is not None else None)
-    if loop.run(stop, stop_after):
-        return {"out": str(Path(cfg.out)), "steps": loop.step, "stopped": True}
-    return _save_artifact(cfg, method, engine, opt, folder, fingerprint, loop)
+    tracking = Tracking(engine.accelerator, cfg.report_to, Path(cfg.out), step, resuming=cfg.resume,
+                        resumed=blob["state"].get("tracking") if blob is not None else None)
+    try:
+        tracking.start(hyperparameters(cfg))
+        loop = _Loop(cfg, method, engine, opt, train_seqs, eval_seqs, pad_id, metrics_path, inputs, step,
+                     saved_step=step if blob is not None else None, tracking=tracking)
+        if loop.run(stop, stop_after):
+            return {"out": str(Path(cfg.out)), "steps": loop.step, "stopped": True}
+        return _save_artifact(cfg, method, engine, opt, folder, fingerprint, loop)
+    finally:
+        tracking.finish()
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -275,7 +283,7 @@ class _Engine:
 def _start_engine(cfg: TrainConfig) -> _Engine:
     """Make the ``Accelerator``, check the distributed engine against the run's settings and seed every RNG
     (before any data is sampled or weight initialised, so that a run is reproducible)."""
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(**accelerator_options(cfg.report_to, Path(cfg.out)))
     check_engine(accelerator, cfg.batch_size, cfg.grad_accum, cfg.max_grad_norm)
     seed_everything(cfg.seed)
     # expert parallelism: transformers shards the experts (and FSDP2-shards the rest) while loading
@@ -419,11 +427,11 @@ class _Loop:
 
     def __init__(self, cfg: TrainConfig, method, engine: _Engine, opt: _Optimisation, train_seqs: list[Seq],
                  eval_seqs: list[Seq], pad_id: int, metrics_path: Path, inputs: dict | None, step: int,
-                 saved_step: int | None):
+                 saved_step: int | None, tracking: Tracking):
         self.cfg, self.method, self.engine, self.opt = cfg, method, engine, opt
         self.train_seqs, self.eval_seqs, self.pad_id = train_seqs, eval_seqs, pad_id
         self.metrics_path, self.inputs, self.out = metrics_path, inputs, Path(cfg.out)
-        self.step, self.saved_step = step, saved_step
+        self.step, self.saved_step, self.tracking = step, saved_step, tracking
         self.last: dict = {}  # the latest metrics line
         self.tokens = 0  # tokens seen by every process since this run (not the resumed one) started
 
@@ -432,7 +440,7 @@ class _Loop:
         check_finite_weights(self.opt.model, self.engine.accelerator, self.step, self.out, "the checkpoint")
         return save_checkpoint(self.out, self.engine.accelerator, self.opt.model, self.opt.optimizer,
                                self.opt.scheduler, {"step": self.step, "settings": _run_settings(self.cfg),
-                                                    "inputs": self.inputs})
+                                                    "inputs": self.inputs, "tracking": self.tracking.state()})
 
     def run(self, stop: StopSignals, stop_after: int | None) -> bool:
         """Train up to ``max_steps``; True when ``stop_after`` ended the run first (a stand-in for a kill).
@@ -455,6 +463,7 @@ class _Loop:
             if engine.main and (step % cfg.log_every == 0 or "eval_loss" in last):
                 with self.metrics_path.open("a") as fh:
                     fh.write(json.dumps(last) + "\n")
+                self.tracking.log(last)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{cur_lr:.2e}", tok_s=f"{last['tokens_per_s'] or 0:.0f}")
             bar.update(1)
             if "eval_loss" in last:
@@ -533,8 +542,11 @@ def _save_artifact(cfg: TrainConfig, method, engine: _Engine, opt: _Optimisation
     manifest = None
     with gathered(unwrapped, deepspeed=engine.deepspeed):
         if main:
+            final = {"step": step, "eval_loss": final_eval, "final": True}
             with loop.metrics_path.open("a") as fh:
-                fh.write(json.dumps({"step": step, "eval_loss": final_eval, "final": True}) + "\n")
+                fh.write(json.dumps(final) + "\n")
+            loop.tracking.log(final)
+            loop.tracking.finish()  # before the folder is marked finished: the trackers write as they close
             (out / "artifact.json").unlink(missing_ok=True)  # a resumed finished run: stale until rewritten
             method.save(unwrapped, out, cfg)
             manifest = write_manifest(out, method=cfg.method, base=cfg.model, fingerprint=fingerprint,
