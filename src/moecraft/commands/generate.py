@@ -64,7 +64,7 @@ def load_for_generation(cfg: GenerateConfig):
 
 
 def run(cfg: GenerateConfig) -> int:
-    from moecraft.pesc.generate import generate
+    from moecraft.pesc.generation import generate
 
     model, tok = load_for_generation(cfg)
     print(generate(model, tok, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.chat, cfg.seed))
