@@ -17,13 +17,12 @@ import torch
 import yaml
 
 from moecraft import compat
-from moecraft.artifacts import base_fingerprint, write_manifest
 from moecraft.cli import main
 from moecraft.errors import MoecraftError
 from moecraft.esft.stats import ExpertScores
 from moecraft.families import supported_families
 from moecraft.methods import get_method
-from moecraft.models import byte_tokenizer, check_sequence_length, load_model, tiny_config, tiny_model
+from moecraft.models import byte_tokenizer, check_sequence_length, tiny_config, tiny_model
 
 FAMILIES = supported_families()
 
@@ -75,28 +74,6 @@ SCORE = ["score", "--model", "tiny:mixtral", "--n-sequences", "1", "--seq-len", 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("llama") / "llama", "llama")
-
-
-@pytest.fixture(scope="module")
-def esft_run(tmp_path_factory) -> Path:
-    """An ESFT artifact (experts 3, 7 of layer 1) on tiny:deepseek_v2, written by the ESFT method as `train` does."""
-    tmp = tmp_path_factory.mktemp("esft")
-    experts = tmp / "experts.json"
-    experts.write_text(json.dumps({"family": "deepseek_v2", "num_experts": 16, "experts": {"1": [3, 7]}}))
-    model, _ = load_model("tiny:deepseek_v2")
-    fingerprint = base_fingerprint(model)
-    method = get_method("esft")
-    cfg = SimpleNamespace(experts=str(experts), train_shared_experts=None, train_non_expert_modules=None)
-    model = method.prepare(model, cfg)
-    with torch.no_grad():  # a visible change, as training would make
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.01)
-    run = tmp / "run"
-    run.mkdir()
-    method.save(model, run, cfg)
-    write_manifest(run, method="esft", base="tiny:deepseek_v2", fingerprint=fingerprint)
-    return run
 
 
 @pytest.fixture

@@ -251,3 +251,35 @@ def test_template_options_reach_the_training_data(tmp_path):
     assert "4<|im_end|>" in runs['{"enable_thinking": false}'] and not any("think" in r for r in runs[
         '{"enable_thinking": false}'])
     assert runs['{"enable_thinking": false}'] == runs["{'enable_thinking': False}"]
+
+
+def test_template_options_reach_eval_and_generate_prompts(tmp_path):
+    """eval and generate render their prompts with the same renderer and --chat-template-kwargs as training:
+    Qwen3's generation prompt gains the empty reasoning block exactly when enable_thinking is false."""
+    import json
+
+    from moecraft.eval.tasks import load_items
+    from moecraft.pesc import generate
+
+    tok = model_tokenizer("qwen3")
+    rows = tmp_path / "eval.jsonl"
+    rows.write_text(json.dumps({"messages": [SYSTEM, *CHAT]}) + "\n" + json.dumps({"prompt": "2+2?", "answer": "4"}) + "\n")
+    default = load_items(str(rows), tok, chat_template=True)
+    off = load_items(str(rows), tok, chat_template=True, template_kwargs={"enable_thinking": False})
+    direct = tok.apply_chat_template([SYSTEM, *CHAT[:3]], tokenize=False, add_generation_prompt=True,
+                                     enable_thinking=False)
+    assert off[0].prompt == direct and direct.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert default[0].prompt.endswith("<|im_start|>assistant\n") and default[0].references == ["4"]
+    assert off[1].prompt.endswith("2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+    from moecraft.models import load_model
+
+    model, _ = load_model("tiny:llama", dtype="float32", device="cpu")
+    seen = []
+    model.generate = lambda ids, **kwargs: seen.append(ids[0].tolist()) or ids  # the ids generate() hands over
+    for options in (None, {"enable_thinking": False}):
+        generate(model, tok, "2+2?", max_new_tokens=1, template_kwargs=options)
+    expected = [tok.apply_chat_template([{"role": "user", "content": "2+2?"}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=True, **kw)["input_ids"]
+                for kw in ({}, {"enable_thinking": False})]
+    assert seen == expected and seen[0] != seen[1]

@@ -13,7 +13,6 @@ import json
 import math
 import typing
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,13 +20,12 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from moecraft import cli
-from moecraft.artifacts import TENSORS, base_fingerprint, write_manifest
+from moecraft.artifacts import TENSORS
 from moecraft.cli import _command_modules, main
 from moecraft.config import MAX_YAML_BYTES, ConfigError, _unwrap_optional, from_dict
 from moecraft.errors import MoecraftError
 from moecraft.esft.selection import ExpertConfig, SelectConfig
-from moecraft.methods import get_method
-from moecraft.models import byte_tokenizer, load_model, tiny_config
+from moecraft.models import byte_tokenizer, tiny_config
 from moecraft.pesc.config import CraftConfig
 from moecraft.train.config import TrainConfig
 
@@ -359,24 +357,6 @@ def test_expert_config_layer_keys_through_training(capsys, tmp_path):
 
 
 # ----------------------------------------------------------------------------- artifact expert rows
-@pytest.fixture(scope="module")
-def esft_run(tmp_path_factory) -> Path:
-    """An ESFT artifact (experts 3, 7 of layer 1) on tiny:deepseek_v2, written by the ESFT method."""
-    tmp = tmp_path_factory.mktemp("esft")
-    experts = tmp / "experts.json"
-    experts.write_text(json.dumps({"family": "deepseek_v2", "num_experts": 16, "experts": {"1": [3, 7]}}))
-    model, _ = load_model("tiny:deepseek_v2")
-    fingerprint = base_fingerprint(model)
-    method = get_method("esft")
-    cfg = SimpleNamespace(experts=str(experts), train_shared_experts=None, train_non_expert_modules=None)
-    model = method.prepare(model, cfg)
-    run = tmp / "run"
-    run.mkdir()
-    method.save(model, run, cfg)
-    write_manifest(run, method="esft", base="tiny:deepseek_v2", fingerprint=fingerprint)
-    return run
-
-
 def _with_rows(run: Path, tmp_path: Path, rows) -> Path:
     """A copy of ``run`` whose trained.safetensors carries ``rows`` as its expert_rows metadata."""
     import shutil

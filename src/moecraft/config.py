@@ -6,7 +6,8 @@ field names), options given on the command line win over the file, and ``--print
 resolved config back as YAML. So whatever is done from Python can be done from the CLI or a YAML file,
 and back, with nothing to keep in sync by hand.
 
-Field help comes from ``field(metadata={"help": ...})``.
+Field help comes from ``field(metadata={"help": ...})``. A list option is ``--opt a,b`` on the command line,
+or ``--opt a b`` where its metadata says ``"nargs": "+"`` (``"metavar"`` names the values).
 """
 
 from __future__ import annotations
@@ -555,6 +556,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["nargs"] = "?"
             kwargs["const"] = True
             kwargs["metavar"] = "BOOL"
+        elif typing.get_origin(base) in (list, tuple) and f.metadata.get("nargs"):
+            kwargs["nargs"] = f.metadata["nargs"]  # space-separated values (paths may hold commas): not split
+            kwargs["metavar"] = f.metadata.get("metavar", "VALUE")
         elif typing.get_origin(base) in (list, tuple):
             kwargs["metavar"] = "A,B,..."
         elif base is dict or typing.get_origin(base) is dict:

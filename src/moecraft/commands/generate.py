@@ -24,6 +24,8 @@ class GenerateConfig:
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy; > 0 samples"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (when sampling)"})
     chat: bool = field(default=True, metadata={"help": "wrap the prompt in the chat template"})
+    chat_template_kwargs: str | None = field(default=None, metadata={
+        "help": 'JSON object of chat template options, e.g. \'{"enable_thinking": false}\''})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom code (PESC adapter exports)"})
     dtype: str = field(default="auto", metadata={"help": "model dtype"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
@@ -64,8 +66,11 @@ def load_for_generation(cfg: GenerateConfig):
 
 
 def run(cfg: GenerateConfig) -> int:
+    from moecraft.data.render import template_options
     from moecraft.pesc.generation import generate
 
+    options = template_options(cfg.chat_template_kwargs)  # a bad option fails before the model loads
     model, tok = load_for_generation(cfg)
-    print(generate(model, tok, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.chat, cfg.seed))
+    print(generate(model, tok, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.chat, cfg.seed,
+                   template_kwargs=options))
     return 0

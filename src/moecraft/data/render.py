@@ -399,6 +399,15 @@ class _ChatRenderer:
 
     # -- per message: templates whose rendering depends on the content
     def _slow(self, msgs, tools, k, text, where) -> tuple[int, int]:
+        try:
+            return self._content_span(msgs, tools, k, text, where)
+        except DataError:
+            m = msgs[k]
+            if m["role"] != "assistant" or not m.get("tool_calls") or m["content"].strip():
+                raise
+            return self._tool_call_turn(msgs, k, tools, text, where)
+
+    def _content_span(self, msgs, tools, k, text, where) -> tuple[int, int]:
         sent = [dict(m) for m in msgs]
         sent[k]["content"] = _SENTINEL.format(k)
         probe = _apply(self.tok, sent, False, tools, self.kwargs, where)
@@ -420,11 +429,42 @@ class _ChatRenderer:
         content = msgs[k]["content"].strip()
         if not content and start is not None and start >= end:
             # no content to find (e.g. a turn of tool calls only): the turn runs to its end-of-turn token
-            return start, start + self._tail(text[start:])
+            span = (start, start + self._tail(text[start:]))
+            _check_tool_calls(msgs[k], text[span[0]:span[1]], k, where)
+            return span
         if start > end or (content and not text[start:end].rstrip().endswith(content[-1])):
             raise DataError(f"{where}: cannot locate messages[{k}] ({role}) in the chat template's rendering; "
                             "the loss mask would be wrong")
         return start, end + self._tail(after)
+
+
+    def _tool_call_turn(self, msgs, k, tools, text, where) -> tuple[int, int]:
+        """An assistant turn of tool calls without content that the content path cannot place (GPT-OSS renders
+        an empty analysis message in its content slot, or leaves the slot out when a final answer follows):
+        it starts after the generation prompt and ends where rendering the conversation up to it ends, both
+        checked to be prefixes of the whole rendering."""
+        start = self._generation_start(msgs, k, tools, text)
+        try:
+            upto = _apply(self.tok, msgs[: k + 1], False, tools, self.kwargs, where)
+        except DataError:
+            upto = None
+        if start is None or upto is None or not text.startswith(upto) or len(upto.rstrip()) <= start:
+            raise DataError(f"{where}: cannot locate the tool calls of messages[{k}] (assistant) in the chat "
+                            "template's rendering; the loss mask would be wrong")
+        span = (start, len(upto.rstrip()))  # up to the template's own end marker (<|call|>), not the newline after
+        _check_tool_calls(msgs[k], text[span[0]:span[1]], k, where)
+        return span
+
+
+def _check_tool_calls(message: dict, span_text: str, k: int, where: str | None) -> None:
+    """Every tool call of a trained turn must be in its span: GPT-OSS's template renders only the first call of
+    a message, and training on a turn with calls silently missing would teach the wrong action."""
+    names = [(c.get("function") or c).get("name") for c in message.get("tool_calls") or [] if isinstance(c, dict)]
+    for name in set(n for n in names if isinstance(n, str)):
+        if span_text.count(name) < names.count(name):
+            raise DataError(f"{where}: the chat template does not render every tool call of messages[{k}] "
+                            f"(assistant): {name!r} is called {names.count(name)} times, rendered "
+                            f"{span_text.count(name)}; split the calls into one assistant turn each")
 
 
 _RENDERERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

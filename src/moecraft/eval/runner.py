@@ -47,6 +47,8 @@ class EvalConfig:
         metadata={"help": "cut generations at these strings (few-shot prompts go on with the next turn)"})
     chat_template: bool = field(
         default=False, metadata={"help": "wrap raw 'prompt' rows as a user turn of the chat template"})
+    chat_template_kwargs: str | None = field(default=None, metadata={
+        "help": 'JSON object of chat template options for the prompts, e.g. \'{"enable_thinking": false}\''})
     code_timeout: float = field(default=10.0, metadata={"help": "seconds per program for code_pass@1"})
     unsafe_code_exec: bool = field(
         default=False, metadata={"help": "let code_pass@1 run model-written code on the host when no sandbox "
@@ -146,8 +148,10 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, out: Path | None = None, p
     tasks = []
     for source in cfg.tasks:
         from moecraft.data import DataOptions
+        from moecraft.data.render import template_options
 
-        items = load_items(source, tokenizer, cfg.limit, cfg.chat_template, DataOptions.from_config(cfg))
+        items = load_items(source, tokenizer, cfg.limit, cfg.chat_template, DataOptions.from_config(cfg),
+                           template_options(cfg.chat_template_kwargs))
         metrics = list(cfg.metrics) or infer_metrics(source, items)
         if judge is not None and "judge" not in metrics:
             metrics.append("judge")
@@ -261,11 +265,12 @@ def run_eval(cfg: EvalConfig) -> dict:
     # written into a temporary sibling and renamed when complete (moecraft.files.output_folder)
     with output_folder(cfg.out, inputs=inputs, overwrite=cfg.overwrite) as tmp:
         from moecraft.data import DataOptions
-        from moecraft.data.render import early_tokenizer
+        from moecraft.data.render import early_tokenizer, template_options
 
         early = early_tokenizer(cfg.model)
         for source in cfg.tasks if early is not None else ():  # bad rows and chat template errors: before the model
-            load_items(source, early, cfg.limit, cfg.chat_template, DataOptions.from_config(cfg))
+            load_items(source, early, cfg.limit, cfg.chat_template, DataOptions.from_config(cfg),
+                       template_options(cfg.chat_template_kwargs))
         model, tok = load_for_eval(cfg)
         results = evaluate_model(model, tok, cfg, tmp)
         results["model"], results["adapter"] = cfg.model, cfg.adapter

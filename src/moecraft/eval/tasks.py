@@ -70,8 +70,10 @@ def _as_list(value) -> list[str]:
     return [value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)]
 
 
-def to_item(row: dict, tokenizer, where: str, chat_template: bool = False) -> EvalItem:
-    """One row -> EvalItem. ``chat_template`` wraps raw ``prompt`` rows as a user turn."""
+def to_item(row: dict, tokenizer, where: str, chat_template: bool = False,
+            template_kwargs: dict | None = None) -> EvalItem:
+    """One row -> EvalItem. ``chat_template`` wraps raw ``prompt`` rows as a user turn; ``template_kwargs``
+    (``--chat-template-kwargs``) go to the chat template, as in score and train."""
     from moecraft.data import render_prompt
 
     refs = None
@@ -86,11 +88,12 @@ def to_item(row: dict, tokenizer, where: str, chat_template: bool = False) -> Ev
             raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
         if refs is None and msgs[-1].get("role") == "assistant":
             refs = [msgs[-1]["content"]]
-        prompt = render_prompt({"messages": msgs}, tokenizer, where=where)
+        prompt = render_prompt({"messages": msgs}, tokenizer, where=where, **(template_kwargs or {}))
     elif isinstance(row.get("prompt"), str):
         prompt = row["prompt"]
         if chat_template:
-            prompt = render_prompt({"messages": [{"role": "user", "content": prompt}]}, tokenizer, where=where)
+            prompt = render_prompt({"messages": [{"role": "user", "content": prompt}]}, tokenizer, where=where,
+                                   **(template_kwargs or {}))
     else:
         raise DataError(f"{where}: eval row needs 'messages' or 'prompt'; got fields {sorted(row)}")
     if refs is None and not code:
@@ -99,9 +102,10 @@ def to_item(row: dict, tokenizer, where: str, chat_template: bool = False) -> Ev
 
 
 def load_items(source: str, tokenizer, limit: int | None = None, chat_template: bool = False,
-               options=None) -> list[EvalItem]:
+               options=None, template_kwargs: dict | None = None) -> list[EvalItem]:
     rows = read_rows(source, limit, options)
-    return [to_item(r, tokenizer, r.pop("_where", f"{source}:{i + 1}"), chat_template) for i, r in enumerate(rows)]
+    return [to_item(r, tokenizer, r.pop("_where", f"{source}:{i + 1}"), chat_template, template_kwargs)
+            for i, r in enumerate(rows)]
 
 
 def infer_metrics(source: str, items: list[EvalItem]) -> list[str]:

@@ -18,13 +18,18 @@ def generate(
     top_p: float = 1.0,
     chat: bool = True,
     seed: int = 0,
+    template_kwargs: dict | None = None,
 ) -> str:
-    """Continue ``prompt`` (as one user turn of the chat template when ``chat``); returns only the new text.
-    ``temperature == 0`` is greedy decoding."""
+    """Continue ``prompt`` (as one user turn of the chat template when ``chat``, rendered by the renderer that
+    score, train and eval use, with ``template_kwargs``); returns only the new text. ``temperature == 0`` is
+    greedy decoding."""
     if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"]
+        from moecraft.data import render_prompt
+
+        text = render_prompt({"messages": [{"role": "user", "content": prompt}]}, tokenizer, where="the prompt",
+                             **(template_kwargs or {}))
+        # the template writes its own special tokens (as apply_chat_template's tokenize=True does)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     check_prompt_lengths(model, [ids.shape[1]], max_new_tokens, ["the prompt"])
