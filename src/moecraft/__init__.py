@@ -12,9 +12,9 @@ __version__ = "0.1.0"
 
 # module -> names; imported on first use so that `moecraft --help` stays fast (configs from their light modules)
 _EXPORTS = {
-    "moecraft.esft.config": ["ScoreConfig"],
+    "moecraft.esft.config": ["ScoreConfig", "SelectConfig"],
     "moecraft.esft.stats": ["score_experts", "ExpertScores"],
-    "moecraft.esft.selection": ["select_experts", "SelectConfig", "ExpertConfig"],
+    "moecraft.esft.selection": ["select_experts", "ExpertConfig"],
     "moecraft.models": ["load_model", "tiny_model"],
     "moecraft.data": ["load_records"],
     "moecraft.families": ["get_family"],
