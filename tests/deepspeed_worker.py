@@ -32,7 +32,7 @@ def _master_partitions(optimizer) -> tuple[list, list]:
 def run(report: Path, argv: list[str]) -> int:
     accelerators, summaries = [], []
     make, train = loop.make_accelerator, command.train
-    loop.make_accelerator = lambda: accelerators.append(make()) or accelerators[-1]
+    loop.make_accelerator = lambda **options: accelerators.append(make(**options)) or accelerators[-1]
     command.train = lambda cfg: summaries.append(train(cfg)) or summaries[-1]
     code = main(["train", *argv])
     if code or not summaries:

@@ -739,3 +739,23 @@ def test_library_too_old_for_a_feature(capsys, tmp_path, monkeypatch):
 def test_env_constraints_file_missing(capsys, tmp_path):
     msg = fails(capsys, "env", "--constraints", tmp_path / "nope.txt")
     assert msg == f"constraints file not found: {tmp_path / 'nope.txt'}"
+
+
+def test_report_to_a_tracker_that_is_not_installed(capsys, tmp_path, monkeypatch):
+    from moecraft.train import tracking
+
+    monkeypatch.setattr(tracking, "tracker_available", lambda name: name not in ("wandb", "sqlalchemy"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    loaded = []
+    monkeypatch.setattr("moecraft.train.loop.load_model", lambda *a, **k: loaded.append(a))
+    out = tmp_path / "run"
+    train = ["train", "--model", "tiny:deepseek_v2", "--data", "builtin:intent", "--out", out, "--method", "lora",
+             "--seq-len", "64", "--max-steps", "1"]
+    assert fails(capsys, *train, "--report-to", "tensorboard,wandb") == (
+        "--report-to wandb needs the wandb package, which is not installed: pip install wandb "
+        "(or pip install 'moecraft[track]' for all trackers)")
+    assert fails(capsys, *train, "--report-to", "mlflow").startswith(
+        "--report-to mlflow keeps its runs in a local SQLite file, which needs sqlalchemy")
+    assert loaded == [] and files_under(out) == []
+    assert fails(capsys, *train, "--report-to", "none,tensorboard") == (
+        "command line: option 'report_to': 'none' cannot be combined with other trackers, got ['none', 'tensorboard']")

@@ -13,6 +13,15 @@ def _h(text: str) -> dict:
     return {"help": text}
 
 
+def _report_to_alone(cfg: TrainConfig) -> None:
+    if "none" in cfg.report_to and len(cfg.report_to) > 1:
+        raise ConfigError(f"option 'report_to': 'none' cannot be combined with other trackers, got {cfg.report_to}",
+                          "report_to")
+    repeated = sorted({n for n in cfg.report_to if cfg.report_to.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"option 'report_to' names {repeated[0]!r} more than once", "report_to")
+
+
 def _pesc_top_k_fits(cfg: TrainConfig) -> None:
     from moecraft.pesc.config import CraftConfig
 
@@ -24,7 +33,7 @@ def _pesc_top_k_fits(cfg: TrainConfig) -> None:
 
 @dataclass
 @checked(
-    _pesc_top_k_fits, non_empty("pesc_layers"),
+    _pesc_top_k_fits, _report_to_alone, non_empty("pesc_layers", "report_to"),
     lora_r=">= 1", lora_alpha=">= 1", lora_dropout="[0, 1)",
     pesc_num_experts=">= 1", pesc_top_k=">= 1", pesc_adapter_dim=">= 1", pesc_scaling="> 0", pesc_dropout="[0, 1)",
     pesc_layers=">= 0", pesc_aux_loss_coef=">= 0", pesc_lora_rank=">= 0", pesc_lora_alpha="> 0", pesc_lora_dropout="[0, 1)",
@@ -129,3 +138,8 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata=_h("train into a non-empty --out, discarding the run in it "
                                                        "(once this run's inputs have passed their checks)"))
     progress: bool = field(default=True, metadata=_h("show a progress bar"))
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = field(
+        default_factory=lambda: ["none"], metadata=_h(
+            "experiment trackers fed the metrics.jsonl lines and the config, e.g. tensorboard or tensorboard,mlflow; "
+            "they write under <out>/tracking (wandb offline unless WANDB_MODE is set, MLflow to a file store unless "
+            "MLFLOW_TRACKING_URI is set)"))

@@ -38,8 +38,9 @@ def moe_block_classes(model: nn.Module) -> list[type[nn.Module]]:
     return sorted(classes, key=lambda c: c.__name__)
 
 
-def make_accelerator() -> Accelerator:
+def make_accelerator(**options) -> Accelerator:
     """The run's ``Accelerator``: CPU unless CUDA is there, and DeepSpeed on CPU (gloo) when launched for it.
+    ``options`` go to ``Accelerator`` as they are (the trackers of ``--report-to``).
 
     accelerate starts DeepSpeed only with ``cpu=False`` (``PartialState``) and takes the world size from the
     process group only when it knows the backend, which it never guesses for CPU DeepSpeed; so a launched
@@ -65,8 +66,8 @@ def make_accelerator() -> Accelerator:
         # inference all-reduce uses; training reduces through gloo, so mark the op unbuildable (DeepSpeed
         # keeps this dict for the process and skips ops marked False)
         deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
-        return Accelerator(cpu=False, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
-    return Accelerator(cpu=not cuda)
+        return Accelerator(cpu=False, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")], **options)
+    return Accelerator(cpu=not cuda, **options)
 
 
 def is_zero3(accelerator) -> bool:
