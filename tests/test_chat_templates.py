@@ -158,34 +158,6 @@ def test_tool_calls_and_tool_results():
     assert trained_runs(ids, mask, tok) == ["Hello!<|im_end|>", "<think>\n\n</think>\n\n4<|im_end|>"]
 
 
-def test_gpt_oss_tool_call_turns():
-    """GPT-OSS leaves a tool-call turn's content slot out when a final answer follows, and renders only a
-    message's first call: the call itself is trained (after the generation prompt, through <|call|>), and a
-    message with two calls is an error rather than a silently dropped call."""
-    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                               "parameters": {"type": "object",
-                                                              "properties": {"city": {"type": "string"}}}}}]
-    msgs = [{"role": "user", "content": "Weather in Paris?"},
-            {"role": "assistant", "content": "", "tool_calls": [call]},
-            {"role": "tool", "content": "sunny"},
-            {"role": "assistant", "content": "It is sunny."}]
-    tok = model_tokenizer("gpt_oss")
-    ids, mask = render_example({"messages": msgs, "tools": tools}, tok)
-    assert tok.decode(ids) == tok.apply_chat_template(msgs, tools=tools, tokenize=False)
-    assert trained_runs(ids, mask, tok) == [
-        ' to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>',
-        "<|channel|>final<|message|>It is sunny.<|return|>"]
-    ids, mask = render_example({"messages": msgs[:2], "tools": tools}, tok)  # a trajectory ending on its call
-    assert trained_runs(ids, mask, tok) == [
-        ' to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>']
-    two = {**msgs[1], "tool_calls": [call, {"type": "function", "function": {"name": "get_weather",
-                                                                          "arguments": {"city": "Rome"}}}]}
-    with pytest.raises(DataError, match=r"does not render every tool call of messages\[1\].*'get_weather' is "
-                                        r"called 2 times, rendered 1"):
-        render_example({"messages": [msgs[0], two, *msgs[2:]], "tools": tools}, tok)
-
-
 def test_many_like_records_share_one_skeleton_and_stay_exact():
     tok = model_tokenizer("llama3")
     recs = [{"messages": [{"role": "user", "content": f"q{i} " * (i % 3 + 1)},
@@ -287,7 +259,7 @@ def test_template_options_reach_eval_and_generate_prompts(tmp_path):
     import json
 
     from moecraft.eval.tasks import load_items
-    from moecraft.pesc.generate import generate
+    from moecraft.pesc import generate
 
     tok = model_tokenizer("qwen3")
     rows = tmp_path / "eval.jsonl"

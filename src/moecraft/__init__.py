@@ -6,34 +6,23 @@ the matching ``moecraft <command>`` builds from its options or ``--config`` YAML
 
 from __future__ import annotations
 
-import importlib
+from moecraft.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-# name -> module; imported on first use so that `moecraft --help` stays fast
-_LAZY = {
-    "score_experts": "moecraft.esft.stats",
-    "ScoreConfig": "moecraft.esft.stats",
-    "ExpertScores": "moecraft.esft.stats",
-    "select_experts": "moecraft.esft.selection",
-    "SelectConfig": "moecraft.esft.selection",
-    "ExpertConfig": "moecraft.esft.selection",
-    "load_model": "moecraft.models",
-    "tiny_model": "moecraft.models",
-    "load_records": "moecraft.data",
-    "get_family": "moecraft.families",
-    "TrainConfig": "moecraft.train",
-    "load_artifact": "moecraft.artifacts",
-    "merge_artifact": "moecraft.artifacts",
-    "craft_model": "moecraft.pesc",
-    "CraftConfig": "moecraft.pesc",
+# module -> names; imported on first use so that `moecraft --help` stays fast (configs from their light modules)
+_EXPORTS = {
+    "moecraft.esft.config": ["ScoreConfig", "SelectConfig"],
+    "moecraft.esft.stats": ["score_experts", "ExpertScores"],
+    "moecraft.esft.selection": ["select_experts", "ExpertConfig"],
+    "moecraft.models": ["load_model", "tiny_model"],
+    "moecraft.data": ["load_records"],
+    "moecraft.families": ["get_family"],
+    "moecraft.train.config": ["TrainConfig"],
+    "moecraft.artifacts": ["load_artifact", "merge_artifact"],
+    "moecraft.pesc": ["craft_model"],
+    "moecraft.pesc.config": ["CraftConfig"],
 }
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'moecraft' has no attribute '{name}'")
-
-
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__", *(name for names in _EXPORTS.values() for name in names)]

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moecraft.errors import MoecraftError
+from moecraft.pesc.config import CONFIG_FILE as PESC_CONFIG
 
 FORMAT = "moecraft.artifact/1"
 MANIFEST = "artifact.json"
@@ -215,11 +216,8 @@ def load_artifact(base_model: nn.Module, artifact_dir: str | Path) -> nn.Module:
     if not artifact_dir.is_dir():
         raise MoecraftError(f"artifact folder not found: {artifact_dir}")
     check_complete(artifact_dir)
-    if not (artifact_dir / MANIFEST).is_file():
-        from moecraft.pesc.craft import CONFIG as PESC_CONFIG
-
-        if (artifact_dir / PESC_CONFIG).is_file():
-            return get_method("pesc").load(base_model, artifact_dir)
+    if not (artifact_dir / MANIFEST).is_file() and (artifact_dir / PESC_CONFIG).is_file():
+        return get_method("pesc").load(base_model, artifact_dir)
     manifest = read_manifest(artifact_dir)
     check_base(manifest["fingerprint"], base_model, str(artifact_dir), manifest.get("base"))
     return get_method(manifest["method"]).load(base_model, artifact_dir)

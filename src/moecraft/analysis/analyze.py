@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from moecraft.analysis import plots
+from moecraft.analysis.config import AnalyzeConfig
 from moecraft.analysis.report import image_html, section, table_html, write_report
 from moecraft.analysis.routing import (
     concentration,
@@ -16,30 +15,7 @@ from moecraft.analysis.routing import (
     selections,
     shared_top_k,
 )
-from moecraft.config import MAY_BE_EMPTY, checked, non_empty
 from moecraft.errors import MoecraftError
-
-
-@dataclass
-@checked(non_empty("ps"), p="(0, 1]", ps="(0, 1]", k=">= 1", title=MAY_BE_EMPTY)
-class AnalyzeConfig:
-    """Options of ``moecraft analyze``."""
-
-    scores: list[str] = field(
-        default_factory=list,
-        metadata={"help": "score files from `moecraft score`, optionally labelled: intent=a.json,math=b.json "
-                          "(two samples of one task: intent-1=a.json,intent-2=b.json)"})
-    before: str | None = field(default=None, metadata={"help": "scores of the base model (for before/after)"})
-    after: str | None = field(default=None, metadata={"help": "scores of the trained model on the same data"})
-    score: Literal["gate", "token"] = field(
-        default="token", metadata={"help": "gate = average gate score (eq. 5), token = token selection ratio (eq. 6)"})
-    p: float | None = field(default=None, metadata={"help": "eq. 8 threshold for selections (default 0.1 gate, 0.2 token)"})
-    ps: list[float] = field(default_factory=lambda: [0.5, 0.8, 0.9],
-                            metadata={"help": "mass shares for the concentration plot"})
-    k: int | None = field(default=None, metadata={"help": "top-k for shared experts (default: the model's experts per token)"})
-    out: Path = field(default=Path("runs/analysis"), metadata={"help": "output folder (PNGs, analysis.json, report.html)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --out (once the new one is complete)"})
-    title: str = field(default="moecraft routing analysis", metadata={"help": "report title"})
 
 
 def _parse_sources(specs: list[str]) -> list[tuple[str, str]]:

@@ -5,12 +5,14 @@ Example: moecraft analyze --scores intent=runs/s/intent.json,math=runs/s/math.js
 
 from __future__ import annotations
 
-from moecraft.analysis.analyze import AnalyzeConfig, run_analyze
+from moecraft.analysis.config import AnalyzeConfig
 
 CONFIG = AnalyzeConfig
 
 
 def run(cfg: AnalyzeConfig) -> int:
+    from moecraft.analysis.analyze import run_analyze
+
     report = run_analyze(cfg)
     print(f"analysis: {cfg.out / 'analysis.json'}\nplots: {cfg.out}/*.png\nreport: {report}")
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from moecraft.errors import MoecraftError
 from moecraft.pesc.config import CraftConfig
-from moecraft.pesc.craft import craft_model, load_base, mark_trainable, save_artifact
 
 CONFIG = CraftConfig
 
@@ -19,6 +18,7 @@ def run(cfg: CraftConfig) -> int:
     if not cfg.output:
         raise MoecraftError("craft: --output (artifact folder) is required")
     from moecraft.files import output_folder
+    from moecraft.pesc.craft import craft_model, load_base, mark_trainable, save_artifact
     from moecraft.runinfo import seed_everything
 
     seed_everything(cfg.seed)

@@ -67,7 +67,7 @@ def load_for_generation(cfg: GenerateConfig):
 
 def run(cfg: GenerateConfig) -> int:
     from moecraft.data.render import template_options
-    from moecraft.pesc.generate import generate
+    from moecraft.pesc.generation import generate
 
     options = template_options(cfg.chat_template_kwargs)  # a bad option fails before the model loads
     model, tok = load_for_generation(cfg)

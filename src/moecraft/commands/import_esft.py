@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moecraft.config import checked, dtype_name
-from moecraft.esft.official import import_esft
 
 
 @dataclass
@@ -30,6 +29,7 @@ CONFIG = ImportEsftConfig
 
 
 def run(cfg: ImportEsftConfig) -> int:
+    from moecraft.esft.official import import_esft
     from moecraft.files import output_folder
     from moecraft.runinfo import write_run_info
 

@@ -8,12 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moecraft.artifacts import merge_artifact, read_manifest
 from moecraft.config import checked, dtype_name
-from moecraft.files import output_folder
-from moecraft.hf_folder import save_model_folder
-from moecraft.models import load_model
-from moecraft.runinfo import write_run_info
 
 
 @dataclass
@@ -35,6 +30,12 @@ def merge(cfg: MergeConfig):
 
     Written into a temporary sibling of ``cfg.out`` and renamed when complete (:func:`moecraft.files.output_folder`).
     """
+    from moecraft.artifacts import merge_artifact, read_manifest
+    from moecraft.files import output_folder
+    from moecraft.hf_folder import save_model_folder
+    from moecraft.models import load_model
+    from moecraft.runinfo import write_run_info
+
     manifest = read_manifest(cfg.artifact)
     base = cfg.base or manifest["base"]
     with output_folder(cfg.out, inputs=[cfg.artifact, base], overwrite=cfg.overwrite) as tmp:
@@ -46,6 +47,8 @@ def merge(cfg: MergeConfig):
 
 
 def run(cfg: MergeConfig) -> int:
+    from moecraft.artifacts import read_manifest
+
     merge(cfg)
     print(f"merged {cfg.artifact} into {cfg.base or read_manifest(cfg.artifact)['base']} -> {cfg.out}")
     return 0

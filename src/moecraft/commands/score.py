@@ -7,12 +7,14 @@ Example: moecraft score --model deepseek-ai/DeepSeek-V2-Lite --data train.jsonl 
 
 import os
 
-from moecraft.esft.stats import ScoreConfig, score_experts
+from moecraft.esft.config import ScoreConfig
 
 CONFIG = ScoreConfig
 
 
 def run(cfg: ScoreConfig) -> int:
+    from moecraft.esft.stats import score_experts
+
     scores = score_experts(cfg)
     if cfg.expert_parallel > 1 and int(os.environ.get("RANK", 0)) != 0:  # one process reports
         return 0

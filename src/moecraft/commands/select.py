@@ -7,12 +7,14 @@ Example: moecraft select --scores scores.json --score token --p 0.2 --out expert
          moecraft select --scores law.json math.json --top-share 0.25 --combine intersection --out experts.json
 """
 
-from moecraft.esft.selection import SelectConfig, overlap_table, select_experts, summary_table
+from moecraft.esft.config import SelectConfig
 
 CONFIG = SelectConfig
 
 
 def run(cfg: SelectConfig) -> int:
+    from moecraft.esft.selection import overlap_table, select_experts, summary_table
+
     result = select_experts(cfg)
     print(summary_table(result))
     if result.selections:

@@ -9,12 +9,13 @@ killed run from its last checkpoint (--save-every).
 from __future__ import annotations
 
 from moecraft.train.config import TrainConfig
-from moecraft.train.loop import train
 
 CONFIG = TrainConfig
 
 
 def run(cfg: TrainConfig) -> int:
+    from moecraft.train.loop import train
+
     summary = train(cfg)
     if not summary["main_process"]:  # under accelerate launch, one process reports
         return 0

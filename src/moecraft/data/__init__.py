@@ -1,43 +1,19 @@
 """Task data: reading records (:mod:`.records`), rendering them to ids and loss masks (:mod:`.render`),
-packing them into training sequences (:mod:`.packing`)."""
+packing them into training sequences (:mod:`.packing`).
 
-from moecraft.data.packing import PackedSequences, mix_sequences, pack_sequences, sample_sequences
-from moecraft.data.records import (
-    BUILTIN_PREFIX,
-    FORMATS,
-    DataOptions,
-    Loaded,
-    check_record,
-    detect_format,
-    load_records,
-    read_jsonl_rows,
-    read_records,
-    read_rows,
-    record_kind,
-    to_canonical,
-)
-from moecraft.data.render import ArrayExample, Example, render_batch, render_example, render_prompt
+The names below are imported on first use: :mod:`.records` (and the config options it defines) stays
+light to import, while :mod:`.render` and :mod:`.packing` import transformers and numpy.
+"""
 
-__all__ = [
-    "BUILTIN_PREFIX",
-    "Example",
-    "check_record",
-    "load_records",
-    "mix_sequences",
-    "pack_sequences",
-    "read_jsonl_rows",
-    "record_kind",
-    "render_example",
-    "render_prompt",
-    "sample_sequences",
-    "DataOptions",
-    "FORMATS",
-    "Loaded",
-    "detect_format",
-    "read_records",
-    "read_rows",
-    "to_canonical",
-    "ArrayExample",
-    "PackedSequences",
-    "render_batch",
-]
+from moecraft.lazy import lazy_exports
+
+_EXPORTS = {
+    "moecraft.data.packing": ["PackedSequences", "mix_sequences", "pack_sequences", "sample_sequences"],
+    "moecraft.data.records": ["BUILTIN_PREFIX", "FORMATS", "DataOptions", "Loaded", "check_record", "detect_format",
+                              "load_records", "read_jsonl_rows", "read_records", "read_rows", "record_kind",
+                              "to_canonical"],
+    "moecraft.data.render": ["ArrayExample", "Example", "render_batch", "render_example", "render_prompt"],
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+__all__ = [name for names in _EXPORTS.values() for name in names]

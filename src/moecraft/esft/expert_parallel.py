@@ -30,6 +30,7 @@ from moecraft.compat import expert_parallel_api, mesh_manager
 from moecraft.errors import MoecraftError
 from moecraft.esft.sparse import SparseExperts, _child_name, _clone_with, _expert_param_names, sparse_modules
 from moecraft.families import moe_layers
+from moecraft.grad_hooks import input_requires_grad
 
 
 @dataclass
@@ -61,8 +62,6 @@ def apply_sparse_experts_ep(model: nn.Module, experts: Mapping[int | str, list[i
     Every layer with selected experts is wrapped on every process (with no trainable expert where the
     process owns none of them), so all processes hold the same parameter names and run the same collectives.
     """
-    from moecraft.train.distributed import _input_requires_grad
-
     _, EpDispatchExpertsParallel = expert_parallel_api()
     implementation = model.config.distributed_config.ep_implementation
     mesh = mesh_manager(model)
@@ -90,7 +89,7 @@ def apply_sparse_experts_ep(model: nn.Module, experts: Mapping[int | str, list[i
         # the all-to-alls' backward is a collective, recorded by autograd only where the dispatched tokens
         # require grad: in a layer with nothing trained below it, only the processes owning one of its
         # selected experts would record it and the others would hang. So the tokens always require grad.
-        sparse.register_forward_pre_hook(_input_requires_grad, with_kwargs=True)
+        sparse.register_forward_pre_hook(input_requires_grad, with_kwargs=True)
         name = _child_name(layer.block, old)
         setattr(layer.block, name, sparse)
         wrapped[f"{layer.block_path}.{name}"] = sparse

@@ -20,18 +20,16 @@ Several score files (tasks): each is selected with the same rule, then the sets 
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from moecraft.config import MAY_BE_EMPTY, ConfigError, checked, non_empty
 from moecraft.errors import MoecraftError
+from moecraft.esft.config import SelectConfig
 from moecraft.files import output_file, read_json, write_json
 
 FORMAT = "moecraft.expert_config/1"
@@ -39,62 +37,6 @@ FORMAT = "moecraft.expert_config/1"
 DEFAULT_P = {"gate": 0.1, "token": 0.2}
 # Cumulative sums of floats may land a hair under an exactly reachable p (e.g. 0.1 + 0.2 < 0.3).
 _EPS = 1e-12
-
-
-def _one_rule(cfg: SelectConfig) -> None:
-    """``p`` and ``top_share`` are two selection rules: one at most (neither: the paper's p)."""
-    if cfg.p is not None and cfg.top_share is not None:
-        raise ConfigError("options 'p' (cumulative score threshold, eq. 8) and 'top_share' (share of the experts) "
-                          "are two selection rules; give one of them", "top_share")
-    if cfg.top_share is not None and cfg.normalize:
-        raise ConfigError("option 'normalize' changes what p means and has no effect with 'top_share' (the "
-                          "ranking is the same); drop one of them", "normalize")
-
-
-def _scores_as_paths(cls: type) -> type:
-    """Let Python callers pass one scores file as a path or string (a list of them otherwise); run before
-    the ``@checked`` checks so the value is checked as the list it becomes."""
-    checks = cls.__post_init__
-
-    def post_init(self) -> None:
-        if isinstance(self.scores, (str, os.PathLike)):
-            self.scores = [self.scores]
-        if isinstance(self.scores, (list, tuple)):
-            self.scores = [Path(x) if isinstance(x, os.PathLike) or (isinstance(x, str) and x) else x
-                           for x in self.scores]
-        checks(self)
-
-    cls.__post_init__ = post_init
-    return cls
-
-
-@dataclass
-@_scores_as_paths
-@checked(_one_rule, non_empty("scores"), p="(0, 1]", top_share="(0, 1]", max_experts=">= 1", out=MAY_BE_EMPTY)
-class SelectConfig:
-    """Options of ``moecraft select``: pick each layer's task experts from router statistics."""
-
-    scores: list[Path] = field(default_factory=lambda: ["scores.json"], metadata={
-        "help": "statistics written by `moecraft score`; several files (space-separated, a list in YAML): "
-                "selected one by one with the same rule, then combined per layer (--combine)",
-        "nargs": "+", "metavar": "SCORES"})
-    score: Literal["gate", "token"] = field(
-        default="token", metadata={"help": "gate = average gate score (eq. 5), token = token selection ratio (eq. 6)"})
-    p: float | None = field(
-        default=None, metadata={"help": "cumulative-score threshold in (0, 1] (eq. 8); default 0.1 gate, 0.2 token"})
-    top_share: float | None = field(default=None, metadata={
-        "help": "instead of --p: keep the ceil(S x experts) highest-scoring experts of each layer, S in (0, 1] "
-                "(MoE-Sieve: 0.25)"})
-    combine: Literal["union", "intersection"] = field(default="union", metadata={
-        "help": "with several --scores: keep per layer the experts selected for any file (union) or for every "
-                "file (intersection)"})
-    normalize: bool = field(default=False, metadata={"help": "divide each layer's scores by their sum first"})
-    max_experts: int | None = field(default=None, metadata={"help": "cap on selected experts per layer"})
-    train_shared_experts: bool = field(default=False, metadata={"help": "also train shared experts (paper §6.3)"})
-    train_non_expert_modules: bool = field(
-        default=False, metadata={"help": "also train attention, norms, embeddings (paper §6.3)"})
-    out: Path = field(default=Path("experts.json"), metadata={"help": "where to write the expert config"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out file (once the new one is complete)"})
 
 
 def check_p(p: float) -> float:

@@ -8,23 +8,20 @@ Python API::
 
 Which kind exports to what: ``expert="lora"`` -> plain Mixtral checkpoint (Llama/Mistral bases) or
 custom code; ``expert="adapter"`` -> checkpoint + ``modeling_pesc.py`` (``trust_remote_code=True``).
+
+The names are imported on first use: :mod:`moecraft.pesc.config` (the CLI's options) stays light to import.
+(``generate`` lives in :mod:`moecraft.pesc.generation`, so that no submodule shadows the function.)
 """
 
-from moecraft.pesc.config import CraftConfig
-from moecraft.pesc.craft import (
-    aux_loss,
-    craft_model,
-    expert_usage,
-    load_artifact,
-    load_base,
-    mark_trainable,
-    pesc_layers,
-    save_artifact,
-)
-from moecraft.pesc.export import export_model
-from moecraft.pesc.generate import generate
+from moecraft.lazy import lazy_exports
 
-__all__ = [
-    "CraftConfig", "aux_loss", "craft_model", "expert_usage", "export_model", "generate", "load_artifact",
-    "load_base", "mark_trainable", "pesc_layers", "save_artifact",
-]
+_EXPORTS = {
+    "moecraft.pesc.config": ["CraftConfig"],
+    "moecraft.pesc.craft": ["aux_loss", "craft_model", "expert_usage", "load_artifact", "load_base", "mark_trainable",
+                            "pesc_layers", "save_artifact"],
+    "moecraft.pesc.export": ["export_model"],
+    "moecraft.pesc.generation": ["generate"],
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

@@ -9,6 +9,7 @@ from moecraft.config import SEED, ConfigError, checked, dtype_name, non_empty
 
 BASE_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FFN_PROJ = ("gate_proj", "up_proj", "down_proj")
+CONFIG_FILE = "pesc_config.yaml"  # the CraftConfig in a crafted artifact folder
 
 
 def _top_k_fits(cfg: CraftConfig) -> None:

@@ -20,11 +20,10 @@ from moecraft.config import dump_yaml, load_yaml
 from moecraft.errors import MoecraftError
 from moecraft.files import check_complete, fix_modes, read_json
 from moecraft.pesc.arch import decoder_layers, dense_arch
-from moecraft.pesc.config import FFN_PROJ, CraftConfig, base_lora_targets
+from moecraft.pesc.config import CONFIG_FILE, FFN_PROJ, CraftConfig, base_lora_targets
 from moecraft.pesc.layer import PescMoE
 
 WEIGHTS = "pesc_weights.safetensors"
-CONFIG = "pesc_config.yaml"
 FINGERPRINT = "base_fingerprint.json"
 
 
@@ -156,7 +155,7 @@ def save_artifact(model: nn.Module, out_dir: str | Path, cfg: CraftConfig | None
     out.mkdir(parents=True, exist_ok=True)
     tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if is_pesc_param(n)}
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "moecraft-pesc"})
-    (out / CONFIG).write_text(dump_yaml(cfg))
+    (out / CONFIG_FILE).write_text(dump_yaml(cfg))
     (out / FINGERPRINT).write_text(json.dumps(base_fingerprint(model), indent=2) + "\n")
     write_run_info(out, run_cfg if run_cfg is not None else cfg)
     fix_modes(out)  # safetensors writes 0600: files as the umask says
@@ -164,12 +163,12 @@ def save_artifact(model: nn.Module, out_dir: str | Path, cfg: CraftConfig | None
 
 
 def read_config(artifact_dir: str | Path) -> CraftConfig:
-    path = Path(artifact_dir) / CONFIG
+    path = Path(artifact_dir) / CONFIG_FILE
     if not Path(artifact_dir).is_dir():
         raise MoecraftError(f"artifact folder not found: {artifact_dir}")
     check_complete(artifact_dir)
     if not path.is_file():
-        raise MoecraftError(f"{artifact_dir} is not a PESC artifact (no {CONFIG})")
+        raise MoecraftError(f"{artifact_dir} is not a PESC artifact (no {CONFIG_FILE})")
     return load_yaml(CraftConfig, path)
 
 

@@ -7,7 +7,8 @@ gather the whole block at once on every rank, the fix DeepSpeed provides (``set_
 The family layer says which module is the MoE block; PESC's crafted layer is one too.
 
 The rest is what it takes for accelerate + DeepSpeed to train the restructured model as asked, on GPUs
-and on CPU (gloo): see :func:`make_accelerator`, :func:`check_engine` and :func:`_input_requires_grad`.
+and on CPU (gloo): see :func:`make_accelerator`, :func:`check_engine` and
+:func:`moecraft.grad_hooks.input_requires_grad`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from moecraft.errors import MoecraftError, UnsupportedModelError
+from moecraft.esft.expert_parallel import gathered_experts, is_expert_parallel
+from moecraft.grad_hooks import input_requires_grad
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -83,33 +86,8 @@ def mark_zero3_leaf_modules(model: nn.Module, accelerator) -> list[str]:
         set_z3_leaf_modules(model, classes)
         for module in model.modules():
             if isinstance(module, tuple(classes)):
-                module.register_forward_pre_hook(_input_requires_grad, with_kwargs=True)
+                module.register_forward_pre_hook(input_requires_grad, with_kwargs=True)
     return [c.__name__ for c in classes]
-
-
-def _input_requires_grad(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Forward pre-hook: the module's floating-point inputs require grad while training.
-
-    Used where backward must pass through a module even with nothing trained below it: a ZeRO-3 leaf (here),
-    and ESFT's experts under expert parallelism, whose all-to-all backward is a collective every process
-    must join (:mod:`moecraft.esft.expert_parallel`).
-
-    ZeRO-3 reduces a leaf module's gradients in a full backward hook, which torch runs when the gradient of
-    the module's *inputs* is ready. When no input requires grad (every layer below is frozen: ESFT's first
-    MoE layer) torch runs it as soon as the output gradient arrives, before the module's own backward, so
-    the experts' gradients are reduced as zeros and then land on released (empty) parameters. An input
-    that requires grad restores the order at the cost of one input-gradient pass through that block.
-    """
-    import torch
-
-    if not (module.training and torch.is_grad_enabled()):
-        return args, kwargs
-
-    def fix(x: object) -> object:
-        return x.detach().requires_grad_() if torch.is_tensor(x) and x.is_floating_point() \
-            and not x.requires_grad else x
-
-    return tuple(fix(a) for a in args), {k: fix(v) for k, v in kwargs.items()}
 
 
 @contextmanager
@@ -122,8 +100,6 @@ def gathered(model: nn.Module, deepspeed: bool = False) -> Iterator[None]:
     the FSDP2 units transformers made there hold only frozen tensors and stay sharded. Elsewhere this does
     nothing.
     """
-    from moecraft.esft.expert_parallel import gathered_experts, is_expert_parallel
-
     if is_expert_parallel(model):
         with gathered_experts(model):
             yield
