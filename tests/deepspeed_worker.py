@@ -17,7 +17,6 @@ from pathlib import Path
 import deepspeed
 from safetensors.torch import save_file
 
-import moecraft.commands.train as command
 import moecraft.train.loop as loop
 from moecraft.cli import main
 
@@ -31,9 +30,10 @@ def _master_partitions(optimizer) -> tuple[list, list]:
 
 def run(report: Path, argv: list[str]) -> int:
     accelerators, summaries = [], []
-    make, train = loop.make_accelerator, command.train
+    make, train = loop.make_accelerator, loop.train
     loop.make_accelerator = lambda **options: accelerators.append(make(**options)) or accelerators[-1]
-    command.train = lambda cfg: summaries.append(train(cfg)) or summaries[-1]
+    # `moecraft train` imports the loop's train when it runs, so the patched one is what it calls
+    loop.train = lambda cfg: summaries.append(train(cfg)) or summaries[-1]
     code = main(["train", *argv])
     if code or not summaries:
         return code or 1
