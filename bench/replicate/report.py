@@ -287,7 +287,10 @@ def tables(res: dict, cite: Cites) -> list[Table]:
     out.append(("Learning-rate choice (validation loss)", ["model", "method", "lr", "final validation loss", "chosen",
                                                            "commands"], rows,
                 "As in the paper, one rate per method from a small grid; chosen on the first task (MoE) or the mix "
-                "(dense)." + (" Chosen at an edge of the grid, so the best rate may lie beyond it: " + ", ".join(edge)
+                "(dense), seed " + str(res["scale"]["seeds"][0]) + "; the other seeds reuse it."
+                + (f" Expert-selective variants (esft-lora, esft-router, router): reduced grid "
+                   f"{res['scale']['variant_lr_grid']}; two-stage uses esft-gate's rate." if res["scale"].get("variant_lr_grid")
+                   else "") + (" Chosen at an edge of the grid, so the best rate may lie beyond it: " + ", ".join(edge)
                               + "." if edge else "")))
 
     rows = []
@@ -606,7 +609,9 @@ def header(layout: Layout, res: dict) -> tuple[str, str]:
                      + "The verdicts say what this miniature shows, not whether the papers hold at their scale.**")
     lines.append(meta)
     lines.append(f"Models: {sizes}. Fine-tuning: {sc['steps']} steps of {sc['batch_size']} x {sc['seq_len']} tokens, "
-                 f"learning rate from {list(sc['lr_grid'])}.")
+                 f"learning rate from {list(sc['lr_grid'])}"
+                 + (f" (expert-selective variants: {list(sc['variant_lr_grid'])})" if sc.get("variant_lr_grid") else "")
+                 + (f"; PESC comparison on seeds {list(sc['pesc_seeds'])}" if sc.get("pesc_seeds") else "") + ".")
     if commands:
         repeat = any("--time-budget" in c for c in commands)  # exit 3 = budget spent, same call again
         lines.append(("Command (repeated until it exited 0): " if repeat else "Command: ")
