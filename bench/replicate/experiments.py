@@ -60,6 +60,7 @@ VARIANTS = {  # ESFT Table 3 rows beyond the plain relevant-experts one, on the 
     "esft-gate+shared+non-expert": ["--train-shared-experts", "true", "--train-non-expert-modules", "true"],
 }
 DENSE_METHODS = {"pesc": "pesc", "lora-eq": "lora", "fft": "fft"}  # name -> moecraft --method
+PARTS = ("moe", "pesc", "late")  # Experiments.run's steps 1-5, 6, 7
 
 
 def cli_method(model: str, method: str) -> str:
@@ -154,95 +155,107 @@ class Experiments:
         return self.exp / "experts" / f"{name}-gate.json"
 
     # ------------------------------------------------------------------ the experiment
-    def run(self) -> dict:
+    def run(self, parts: tuple[str, ...] = PARTS) -> dict:
+        """Every command of the experiment in order; ``parts`` runs some of them: "moe" (steps 1-5), "pesc"
+        (step 6), "late" (step 7, once the ESFT-Gate rate is chosen). Parts share no command, so they can run
+        in separate processes at once; only all of them together return the whole plan."""
         S = self.S
         if not (self.exp / "machine.json").is_file():  # where the commands run (the report may be made elsewhere)
             write_json(self.exp / "machine.json", machine())
         plan: dict = {"esft": [], "table3": [], "pesc": [], "sweep": [], "selection": {}, "two_stage": []}
-        # 1. ESFT expert selection: router statistics on a training sample, eq. 8 with the paper's p
-        for task in TASKS:
-            for fn in ("gate", "token"):
-                step, experts = self.score_and_select(self.rel(self.L.model("moe")), self.data["tasks"][task]["train"],
-                                                      task, fn)
-                plan["selection"].setdefault(task, {})[fn] = {"file": self.rel(experts), "step": step}
-
-        def moe_extra(task: str, method: str) -> list[str]:
-            if method in VARIANTS:
-                return ["--experts", self.rel(self.exp / "experts" / f"{task}-gate.json"), *VARIANTS[method]]
-            _, fn, flags = MOE_METHODS[method]
-            return [*(["--experts", self.rel(self.exp / "experts" / f"{task}-{fn}.json")] if fn else []), *flags]
-
-        def sweep(method: str) -> float:
-            grid = S.variant_lr_grid if method in VARIANT_METHODS and S.variant_lr_grid else S.lr_grid
-            return self.sweep("moe", TASKS[0], method, moe_extra(TASKS[0], method), plan, grid)
-
-        def table1(methods: list[str]) -> None:
-            """Every task x method x seed (Table 3 variants: first seed), each evaluated on its task."""
+        lrs: dict[str, float] = {}
+        if "moe" in parts or "late" in parts:
+            # 1. ESFT expert selection: router statistics on a training sample, eq. 8 with the paper's p
             for task in TASKS:
-                for method in methods:
-                    lr = lrs[method.split("+")[0]]
-                    for seed in S.seeds[:1] if method in VARIANTS else S.seeds:
-                        if method == TWO_STAGE:
-                            router_step = f"train/moe/{task}/router/{lr_id(lrs['router'])}-s{seed}"
-                            experts = self.two_stage_experts(task, router_step, seed)
-                            extra = ["--experts", self.rel(experts)]
-                            plan["two_stage"].append({"task": task, "seed": seed, "file": self.rel(experts),
-                                                      "step": f"select/moe/{task}-router-s{seed}/gate",
-                                                      "base_file": plan["selection"][task]["gate"]["file"]})
-                        else:
-                            extra = moe_extra(task, method)
-                        step = self.train("moe", task, method, lr, seed, extra)
-                        evals = self.evaluate("moe", step.removeprefix("train/moe/"), self.rel(self.exp / step), [task])
-                        plan["table3" if method in VARIANTS else "esft"].append(
-                            self.row("moe", task, method, lr, seed, step, evals))
+                for fn in ("gate", "token"):
+                    step, experts = self.score_and_select(self.rel(self.L.model("moe")), self.data["tasks"][task]["train"],
+                                                          task, fn)
+                    plan["selection"].setdefault(task, {})[fn] = {"file": self.rel(experts), "step": step}
 
-        # 2. vanilla MoE on every task
-        vanilla = self.evaluate("moe", "vanilla", None, list(TASKS))
-        plan["esft"] += [self.row("moe", task, "vanilla", None, None, None, vanilla) for task in TASKS]
-        # 3. learning rate per method on the first task and seed, by validation loss
-        early = [m for m in S.moe_methods if m not in LATE_METHODS]
-        lrs = {m: sweep(m) for m in early}
-        # 4. Table 1 (+ Table 3 variants)
-        table1([*early, *VARIANTS])
-        # 5. ESFT Figure 2: overlap of expert choices, two disjoint samples per task
-        specs = []
-        for task in (*PROBE_TASKS, *self.domains):
-            for half, rel in zip("ab", self.data["probe"][task]):
-                out = self.exp / "probe" / f"{task}-{half}.json"
-                self.R.moecraft(f"probe/score/{task}-{half}", [
-                    "score", "--model", self.rel(self.L.model("moe")), "--data", rel, "--out", self.rel(out),
-                    "--n-sequences", str(S.score_sequences), "--seq-len", str(S.seq_len), "--seed", str(S.seeds[0]),
-                    "--batch-size", str(min(8, S.score_sequences))], out)
-                specs.append(f"{task}-{half}={self.rel(out)}")
-        analysis = self.exp / "probe" / "analysis"
-        self.R.moecraft("probe/analyze", ["analyze", "--scores", ",".join(specs), "--score", "token",
-                                          "--out", self.rel(analysis), "--title", "expert overlap probe"],
-                        analysis / "analysis.json")
-        plan["probe"] = {"step": "probe/analyze", "file": self.rel(analysis / "analysis.json")}
+            def moe_extra(task: str, method: str) -> list[str]:
+                if method in VARIANTS:
+                    return ["--experts", self.rel(self.exp / "experts" / f"{task}-gate.json"), *VARIANTS[method]]
+                _, fn, flags = MOE_METHODS[method]
+                return [*(["--experts", self.rel(self.exp / "experts" / f"{task}-{fn}.json")] if fn else []), *flags]
+
+            def sweep(method: str) -> float:
+                grid = S.variant_lr_grid if method in VARIANT_METHODS and S.variant_lr_grid else S.lr_grid
+                return self.sweep("moe", TASKS[0], method, moe_extra(TASKS[0], method), plan, grid)
+
+            def table1(methods: list[str]) -> None:
+                """Every task x method x seed (Table 3 variants: first seed), each evaluated on its task."""
+                for task in TASKS:
+                    for method in methods:
+                        lr = lrs[method.split("+")[0]]
+                        for seed in S.seeds[:1] if method in VARIANTS else S.seeds:
+                            if method == TWO_STAGE:
+                                router_step = f"train/moe/{task}/router/{lr_id(lrs['router'])}-s{seed}"
+                                experts = self.two_stage_experts(task, router_step, seed)
+                                extra = ["--experts", self.rel(experts)]
+                                plan["two_stage"].append({"task": task, "seed": seed, "file": self.rel(experts),
+                                                          "step": f"select/moe/{task}-router-s{seed}/gate",
+                                                          "base_file": plan["selection"][task]["gate"]["file"]})
+                            else:
+                                extra = moe_extra(task, method)
+                            step = self.train("moe", task, method, lr, seed, extra)
+                            evals = self.evaluate("moe", step.removeprefix("train/moe/"), self.rel(self.exp / step), [task])
+                            plan["table3" if method in VARIANTS else "esft"].append(
+                                self.row("moe", task, method, lr, seed, step, evals))
+
+        if "moe" in parts:
+            # 2. vanilla MoE on every task
+            vanilla = self.evaluate("moe", "vanilla", None, list(TASKS))
+            plan["esft"] += [self.row("moe", task, "vanilla", None, None, None, vanilla) for task in TASKS]
+            # 3. learning rate per method on the first task and seed, by validation loss
+            early = [m for m in S.moe_methods if m not in LATE_METHODS]
+            lrs |= {m: sweep(m) for m in early}
+            # 4. Table 1 (+ Table 3 variants)
+            table1([*early, *VARIANTS])
+            # 5. ESFT Figure 2: overlap of expert choices, two disjoint samples per task
+            specs = []
+            for task in (*PROBE_TASKS, *self.domains):
+                for half, rel in zip("ab", self.data["probe"][task]):
+                    out = self.exp / "probe" / f"{task}-{half}.json"
+                    self.R.moecraft(f"probe/score/{task}-{half}", [
+                        "score", "--model", self.rel(self.L.model("moe")), "--data", rel, "--out", self.rel(out),
+                        "--n-sequences", str(S.score_sequences), "--seq-len", str(S.seq_len), "--seed", str(S.seeds[0]),
+                        "--batch-size", str(min(8, S.score_sequences))], out)
+                    specs.append(f"{task}-{half}={self.rel(out)}")
+            analysis = self.exp / "probe" / "analysis"
+            self.R.moecraft("probe/analyze", ["analyze", "--scores", ",".join(specs), "--score", "token",
+                                              "--out", self.rel(analysis), "--title", "expert overlap probe"],
+                            analysis / "analysis.json")
+            plan["probe"] = {"step": "probe/analyze", "file": self.rel(analysis / "analysis.json")}
         # 6. PESC vs dense LoRA (same trainable parameters) vs dense FFT on the instruction mix
-        dense_vanilla = self.evaluate("dense", "vanilla", None, list(TASKS))
-        plan["pesc"].append(self.row("dense", "mix", "vanilla", None, None, None, dense_vanilla))
-        pesc = ["--pesc-num-experts", str(S.pesc_num_experts), "--pesc-top-k", str(S.pesc_top_k),
-                "--pesc-adapter-dim", str(S.pesc_adapter_dim), "--pesc-quantize", "none",
-                "--pesc-lora-rank", "0"]  # experts + routers only, as the committed results were run
-        dense_lrs = {"pesc": self.sweep("dense", "mix", "pesc", pesc, plan)}
-        rank = self.equal_lora_rank(plan)
-        lora_eq = ["--lora-r", str(rank), "--lora-alpha", str(2 * rank)]
-        dense_lrs["lora-eq"] = self.sweep("dense", "mix", "lora-eq", lora_eq, plan)
-        dense_lrs["fft"] = self.sweep("dense", "mix", "fft", [], plan)
-        extras = {"pesc": pesc, "lora-eq": lora_eq, "fft": []}
-        for method in DENSE_METHODS:
-            for seed in S.pesc_seeds or S.seeds:
-                step = self.train("dense", "mix", method, dense_lrs[method], seed, extras[method])
-                evals = self.evaluate("dense", step.removeprefix("train/dense/"), self.rel(self.exp / step), list(TASKS))
-                plan["pesc"].append(self.row("dense", "mix", method, dense_lrs[method], seed, step, evals))
+        if "pesc" in parts:
+            dense_vanilla = self.evaluate("dense", "vanilla", None, list(TASKS))
+            plan["pesc"].append(self.row("dense", "mix", "vanilla", None, None, None, dense_vanilla))
+            pesc = ["--pesc-num-experts", str(S.pesc_num_experts), "--pesc-top-k", str(S.pesc_top_k),
+                    "--pesc-adapter-dim", str(S.pesc_adapter_dim), "--pesc-quantize", "none",
+                    "--pesc-lora-rank", "0"]  # experts + routers only, as the committed results were run
+            dense_lrs = {"pesc": self.sweep("dense", "mix", "pesc", pesc, plan)}
+            rank = self.equal_lora_rank(plan)
+            lora_eq = ["--lora-r", str(rank), "--lora-alpha", str(2 * rank)]
+            dense_lrs["lora-eq"] = self.sweep("dense", "mix", "lora-eq", lora_eq, plan)
+            dense_lrs["fft"] = self.sweep("dense", "mix", "fft", [], plan)
+            extras = {"pesc": pesc, "lora-eq": lora_eq, "fft": []}
+            for method in DENSE_METHODS:
+                for seed in S.pesc_seeds or S.seeds:
+                    step = self.train("dense", "mix", method, dense_lrs[method], seed, extras[method])
+                    evals = self.evaluate("dense", step.removeprefix("train/dense/"), self.rel(self.exp / step), list(TASKS))
+                    plan["pesc"].append(self.row("dense", "mix", method, dense_lrs[method], seed, step, evals))
         # 7. late rows: router-only, and two-stage (ESFT-Gate's rate on the router-tuned model's experts)
-        late = [m for m in S.moe_methods if m in LATE_METHODS]
-        lrs |= {m: sweep(m) for m in late}
-        if "router" in late and "esft-gate" in lrs:
-            lrs[TWO_STAGE] = lrs["esft-gate"]
-            late.append(TWO_STAGE)
-        table1(late)
+        if "late" in parts:
+            if "moe" not in parts and "esft-gate" in S.moe_methods:
+                lrs["esft-gate"] = sweep("esft-gate")  # done by the "moe" part: read, not run again
+            late = [m for m in S.moe_methods if m in LATE_METHODS]
+            lrs |= {m: sweep(m) for m in late}
+            if "router" in late and "esft-gate" in lrs:
+                lrs[TWO_STAGE] = lrs["esft-gate"]
+                late.append(TWO_STAGE)
+            table1(late)
+        if set(parts) != set(PARTS):
+            return plan
         plan["chosen_lr"] = {"moe": lrs, "dense": dense_lrs}
         plan["lora_eq_rank"] = rank
         write_json(self.exp / "plan.json", plan)
@@ -375,13 +388,15 @@ def collect(layout: Layout, scale: Scale, plan: dict) -> dict:
     return results
 
 
-def run(layout: Layout, scale: Scale, runner: Runner) -> dict:
+def run(layout: Layout, scale: Scale, runner: Runner, parts: tuple[str, ...] = PARTS) -> dict:
+    """Run (or skip, where done) every command, then gather the numbers; with one of ``parts`` only its commands
+    (returns that part's plan, collects nothing)."""
     from transformers import AutoTokenizer
 
     from replicate import tasks
 
     tokenizer = AutoTokenizer.from_pretrained(str(layout.tokenizer))
     data = tasks.prepare(layout, scale, tokenizer)
-    plan = Experiments(layout, scale, runner, data).run()
-    return collect(layout, scale, plan)
+    plan = Experiments(layout, scale, runner, data).run(parts)
+    return collect(layout, scale, plan) if set(parts) == set(PARTS) else plan
 
