@@ -584,6 +584,21 @@ def stage_walls(layout: Layout) -> tuple[list[str], dict[str, float]]:
     return sorted({r["command"] for r in rows}), dict(walls)
 
 
+def command_span(layout: Layout) -> str:
+    """When the logged moecraft commands ran (start of the first to end of the last), for runs whose experiments
+    stage was split over calls or parts (``run.py --parts``)."""
+    import datetime as dt
+
+    path = layout.root / "commands.jsonl"
+    rows = read_jsonl(path) if path.is_file() else []
+    if not rows:
+        return ""
+    ends = [dt.datetime.strptime(r["finished"], "%Y-%m-%d %H:%M:%S") for r in rows]
+    start = min(e - dt.timedelta(seconds=r["wall_s"]) for e, r in zip(ends, rows))
+    return (f" The moecraft commands ran from {start:%H:%M} to {max(ends):%H:%M} "
+            f"({(max(ends) - start).total_seconds() / 60:.0f} min, local time of the machine).")
+
+
 def header(layout: Layout, res: dict) -> tuple[str, str]:
     """(Markdown banner, one-line meta) stating scale, machine, seeds, sizes and the commands that ran."""
     sc, mach, models = res["scale"], res["machine"], res["models"]
@@ -617,7 +632,7 @@ def header(layout: Layout, res: dict) -> tuple[str, str]:
         lines.append(("Command (repeated until it exited 0): " if repeat else "Command: ")
                      + "; ".join(f"`{c}`" for c in commands) + ". Wall time per stage: "
                      + ", ".join(f"{st} {w / 60:.1f} min" for st, w in walls.items())
-                     + f" (total {sum(walls.values()) / 60:.0f} min).")
+                     + f" (total {sum(walls.values()) / 60:.0f} min)." + command_span(layout))
     return "\n\n".join(lines), meta
 
 
