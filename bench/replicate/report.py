@@ -382,10 +382,14 @@ def claims(res: dict) -> list[tuple[str, str, str]]:
             return
         diff, err = ta["value"] - tb["value"], math.sqrt(se(ta) ** 2 + se(tb) ** 2)
         sp = sum(half_range(per_seed(x, lambda y: score_of(y, LABEL))) for x in (a, b))
+        maj = res.get("intent_label_majority")
         if all(t["value"] <= 2 * se(t) for t in (ta, tb)):
             v = "not testable here: both within 2 SE of 0"
         else:
             v = verdict(diff, max(2 * err, sp), comparable, "2 SE or the seed spread")
+            if maj is not None and all(t["value"] <= maj + 2 * se(t) for t in (ta, tb)):
+                v += (f" (neither beats always answering the most frequent label, {maj:.1f}: this compares "
+                      "learning the answer format, not the classification)")
         out.append((claim + " [intent label]", f"intent label {na} {ta['value']:.1f} vs {nb} {tb['value']:.1f} "
                                                f"(difference {diff:+.1f}, 2 SE = {2 * err:.1f}{seeds_note(sp)})", v))
 
