@@ -25,7 +25,7 @@ DOMAINS = ("code", "prose")  # pretraining domains; held-out perplexity per doma
 
 @dataclass(frozen=True)
 class Scale:
-    """All sizes of one run. ``full``: ~10 min per pretraining on one H100; ``cpu``: ~1 h in all on 2 cores;
+    """All sizes of one run. ``full``: ~10 min per pretraining on one H100; ``cpu``: ~1.5 h in all on 2 cores;
     ``smoke``: seconds on CPU."""
 
     name: str

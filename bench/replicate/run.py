@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--stage", choices=("all", *STAGES), default="all")
     parser.add_argument("--scale", choices=tuple(SCALES), default=None,
-                        help="sizes from common.py: full (one GPU), cpu (~1 h on 2 cores), smoke (seconds)")
+                        help="sizes from common.py: full (one GPU), cpu (~1.5 h on 2 cores), smoke (seconds)")
     parser.add_argument("--smoke", action="store_true", help="same as --scale smoke (the test suite's)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/replicate[-<scale>])")
     parser.add_argument("--publish", action=argparse.BooleanOptionalAction, default=None,
