@@ -1,4 +1,4 @@
-"""Shared pieces of the replication: the three scales (full GPU run, ~1 h CPU run, CPU smoke), the output
+"""Shared pieces of the replication: the three scales (full GPU run, ~1.5 h CPU run, CPU smoke), the output
 layout, small I/O.
 
 Every size of the experiment lives in :class:`Scale`, so the scales differ only in numbers, never in code path.
@@ -122,9 +122,10 @@ SMOKE = Scale(
 # pretraining (both models), ~33 min experiments (29 fine-tuning runs of 60 steps, ~40 evaluations).
 # Learning-rate grid: a run with {3e-4, 1e-3} chose 1e-3, its upper edge, for every method; the run with
 # {1e-3, 3e-3, 1e-2} chose 3e-3 (FFT) or 1e-2 (all others), 1e-3 never, so the grid is now {3e-3, 1e-2}: with
-# seven MoE methods and two seeds (~55 fine-tuning runs) the whole run stays near 1.5 h. Same structure as FULL in miniature: DeepSeek-V2-shaped MoE (32 routed
-# experts of width 64, top-4, 2 shared, first layer dense with the active width 6 x 64 = 384, MLA attention)
-# and a dense Llama of the same width, depth and FFN width as the MoE's active experts.
+# seven MoE methods and two seeds (~55 fine-tuning runs) the whole run stays near 1.5 h (92 min on 2026-11-30,
+# load average 2-7, experiments in parallel --parts). Same structure as FULL in miniature: DeepSeek-V2-shaped MoE
+# (32 routed experts of width 64, top-4, 2 shared, first layer dense with the active width 6 x 64 = 384, MLA
+# attention) and a dense Llama of the same width, depth and FFN width as the MoE's active experts.
 CPU = Scale(
     name="cpu",
     max_docs_per_source=None, max_bytes_per_source=3_000_000, heldout_percent=5, record_chars=3000,
