@@ -535,6 +535,15 @@ def test_unknown_metric_fails_before_generation(capsys, tmp_path):
     assert files_under(out) == []
 
 
+def test_intent_metric_on_a_reference_without_an_intent(capsys, tmp_path):
+    tasks = write_lines(tmp_path / "plain.jsonl", [json.dumps({"prompt": "2+2=", "reference": "4"})])
+    for metric, says in (("intent_label", "reference names no intent: '4'"),
+                         ("intent_json", "reference is not a JSON object: '4'")):
+        msg = fails(capsys, "eval", "--model", "tiny:llama", "--tasks", tasks, "--metrics", metric,
+                    "--max-new-tokens", "2", "--out", tmp_path / metric)
+        assert msg == says
+
+
 def test_code_metric_without_a_sandbox_fails_before_generation(capsys, tmp_path, monkeypatch):
     tasks = write_lines(tmp_path / "code.jsonl", [json.dumps({"prompt": "def f():\n", "test": "assert f() == 1"})])
     out = tmp_path / "ev"

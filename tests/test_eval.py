@@ -92,7 +92,7 @@ def test_load_items_shapes(tmp_path, llama):
 
 def test_infer_metrics_from_references():
     mk = lambda refs, rec=None: [EvalItem("p", [r], rec or {}) for r in refs]  # noqa: E731
-    assert infer_metrics("x.jsonl", mk(['{"intent": "a", "slots": {}}'])) == ["intent_json"]
+    assert infer_metrics("x.jsonl", mk(['{"intent": "a", "slots": {}}'])) == ["intent_json", "intent_label"]
     assert infer_metrics("x.jsonl", mk(["1 + 1\n#### 2", "7"])) == ["numeric"]
     assert infer_metrics("x.jsonl", mk(["Paris"])) == ["exact_match"]
     assert infer_metrics("x.jsonl", mk(["", ""], {"test": "assert True"})) == ["code_pass@1"]

@@ -46,6 +46,45 @@ def test_intent_match_list_valued_slots():
         M.intent_match(ref, "not json")
 
 
+# hand-written model outputs and the label a reader finds in each (None: no label named)
+LABELLED = [
+    (REF, "Alarm-Update"),
+    ('{"intent": "Alarm-Update", "slots": {"notes": "追"}}', "Alarm-Update"),  # slots wrong, label right
+    ('{"intent": "Alarm-Update", "slots": {"datetime_date": "今', "Alarm-Update"),  # truncated answer
+    ('答案： {"slots": {}, "intent": "Alarm-Query"}。', "Alarm-Query"),
+    ('{"slots": {"a": "b"}} then {"intent": "Weather-Query", "slots": {}}', "Weather-Query"),  # first with an intent
+    ('{"intent": "Alarm-Upd', None),  # the label itself cut off
+    ("Alarm-Update", None),  # a bare word is not the answer format
+    ('{"intent": ["Alarm-Update"], "slots": {}}', None),  # not a string
+    ('{"intent": "Say \\"hi\\"", "slots": {', 'Say "hi"'),  # escapes decoded in a broken answer too
+    ("", None),
+]
+
+
+@pytest.mark.parametrize(("pred", "label"), LABELLED)
+def test_intent_label_hand_worked(pred, label):
+    assert M.intent_label(pred) == label
+    assert M.intent_label_match(pred, REF) == float(label == "Alarm-Update")
+
+
+def test_intent_label_score_against_hand_count():
+    """Task score over the hand-written outputs = the share whose hand label is the reference's; a full
+    JSON match implies a label match."""
+    from moecraft.eval.runner import score_items
+    from moecraft.eval.tasks import EvalItem
+
+    preds = [p for p, _ in LABELLED]
+    items = [EvalItem("p", [REF], {}) for _ in preds]
+    summary, per = score_items(items, preds, ["intent_json", "intent_label"])
+    hand = sum(label == "Alarm-Update" for _, label in LABELLED)
+    assert hand == 3
+    assert summary["intent_label"] == pytest.approx(100 * hand / len(preds))
+    assert summary["intent_json"] == pytest.approx(100 / len(preds))  # only REF itself has every slot
+    assert all(e["intent_label"] >= e["intent_json"] for e in per)
+    with pytest.raises(MoecraftError, match="reference names no intent"):
+        M.intent_label_match(REF, '{"slots": {}}')
+
+
 def test_intent_match_on_real_esft_rows():
     path = "/work/shared/data/esft/eval-intent.jsonl"
     if not os.path.isfile(path):
@@ -56,6 +95,9 @@ def test_intent_match_on_real_esft_rows():
         assert M.intent_match(r["raw_answers"][0] + "。", r["answers"][0]) == 1.0
     other = next(r for r in rows if json.loads(r["answers"][0])["intent"] != json.loads(rows[0]["answers"][0])["intent"])
     assert M.intent_match(other["answers"][0], rows[0]["answers"][0]) == 0.0
+    for r in rows:  # the label of every answer is its JSON's intent field
+        assert M.intent_label(r["answers"][0]) == json.loads(r["answers"][0])["intent"]
+    assert M.intent_label_match(other["answers"][0], rows[0]["answers"][0]) == 0.0
 
 
 @pytest.mark.parametrize(

@@ -53,7 +53,13 @@ def test_outputs_and_report_rows(smoke_run):
         assert (L.root / rel).is_file(), rel
     md = (L.root / "RESULTS.md").read_text()
     table1 = md_table(md, "ESFT Table 1 in miniature: task performance (MoE model)")
-    assert [r[0] for r in table1] == ["vanilla", "fft", "lora", "esft-gate", "esft-token"]
+    methods = ["vanilla", "fft", "lora", "esft-gate", "esft-token", "esft-lora", "esft-router", "router", "two-stage"]
+    assert [r[0] for r in table1] == methods
+    side = md_table(md, "Methods side by side (MoE model): cost, task fit, general ability")
+    assert [r[0] for r in side] == methods
+    # two seeds: every fine-tuned cell of the side-by-side table shows mean ± half-range
+    assert all(" ± " in r[6] for r in side[1:])  # column 6: intent val loss
+    assert len(md_table(md, "Two-stage selection: experts chosen after router tuning vs on the base model")) == 4
     assert [r[0] for r in md_table(md, "PESC in miniature: dense model crafted into an MoE vs dense baselines "
                                        "(instruction mix)")] == ["vanilla", "pesc", "lora-eq", "fft"]
     table3 = [r[0] for r in md_table(md, "ESFT Table 3 in miniature: shared vs non-shared parameters")]

@@ -1,4 +1,4 @@
-"""Shared pieces of the replication: the three scales (full GPU run, ~1 h CPU run, CPU smoke), the output
+"""Shared pieces of the replication: the three scales (full GPU run, ~1.5 h CPU run, CPU smoke), the output
 layout, small I/O.
 
 Every size of the experiment lives in :class:`Scale`, so the scales differ only in numbers, never in code path.
@@ -25,7 +25,7 @@ DOMAINS = ("code", "prose")  # pretraining domains; held-out perplexity per doma
 
 @dataclass(frozen=True)
 class Scale:
-    """All sizes of one run. ``full``: ~10 min per pretraining on one H100; ``cpu``: ~1 h in all on 2 cores;
+    """All sizes of one run. ``full``: ~10 min per pretraining on one H100; ``cpu``: ~1.5 h in all on 2 cores;
     ``smoke``: seconds on CPU."""
 
     name: str
@@ -65,6 +65,11 @@ class Scale:
     pesc_adapter_dim: int = 64
     eval_sequences: int = 8  # packed validation sequences behind each run's final validation loss
     seeds: tuple[int, ...] = (0,)
+    # MoE rows (experiments.MOE_METHODS keys; "router" also brings the two-stage row) and the learning-rate
+    # grid of the expert-selective variants (esft-lora, esft-router, router; None: lr_grid)
+    moe_methods: tuple[str, ...] = ("fft", "lora", "esft-gate", "esft-token", "esft-lora", "esft-router", "router")
+    variant_lr_grid: tuple[float, ...] | None = None
+    pesc_seeds: tuple[int, ...] | None = None  # seeds of the PESC comparison (None: seeds)
     torch_threads: int | None = None  # intra-op threads of every process (None: torch's default)
 
     def to_json(self) -> dict:
@@ -107,17 +112,20 @@ SMOKE = Scale(
     aux_loss_coef=0.01, pretrain_eval_windows=4,
     seq_len=256, batch_size=2, steps=2, lr_grid=(1e-3,), mix_ratio=0.5, save_every=1,
     max_task_records=120, score_sequences=2, eval_limit=3, eval_batch=3, max_new_tokens_cap=6,
-    ppl_limit=3, pesc_adapter_dim=8, eval_sequences=1,
+    ppl_limit=3, pesc_adapter_dim=8, eval_sequences=1, seeds=(0, 1),
     torch_threads=1,  # tiny models: thread start-up costs more than it saves
 )
 
 # Sized with timing probes on a shared 2-core CPU (AMD EPYC, torch 2.13, one thread per process, nice 10):
 # pretraining ~2,500 tokens/s for either model, fine-tuning ~2,300 (MoE) / ~2,800 (dense PESC) tokens/s, a 500-row
-# intent evaluation ~15 s. Budget ~55 min: ~19 min pretraining (both models), ~33 min experiments (29 fine-tuning
-# runs of 60 steps, ~40 evaluations). Learning-rate grid: a first run with {3e-4, 1e-3} chose 1e-3, its upper
-# edge, for every method, so the grid starts there. Same structure as FULL in miniature: DeepSeek-V2-shaped MoE (32 routed
-# experts of width 64, top-4, 2 shared, first layer dense with the active width 6 x 64 = 384, MLA attention)
-# and a dense Llama of the same width, depth and FFN width as the MoE's active experts.
+# intent evaluation ~15 s. The first CPU run (one seed, four MoE methods, grid {1e-3, 3e-3, 1e-2}): ~19 min
+# pretraining (both models), ~33 min experiments (29 fine-tuning runs of 60 steps, ~40 evaluations).
+# Learning-rate grid: a run with {3e-4, 1e-3} chose 1e-3, its upper edge, for every method; the run with
+# {1e-3, 3e-3, 1e-2} chose 3e-3 (FFT) or 1e-2 (all others), 1e-3 never, so the grid is now {3e-3, 1e-2}: with
+# seven MoE methods and two seeds (~55 fine-tuning runs) the whole run stays near 1.5 h (92 min on 2026-11-30,
+# load average 2-7, experiments in parallel --parts). Same structure as FULL in miniature: DeepSeek-V2-shaped MoE
+# (32 routed experts of width 64, top-4, 2 shared, first layer dense with the active width 6 x 64 = 384, MLA
+# attention) and a dense Llama of the same width, depth and FFN width as the MoE's active experts.
 CPU = Scale(
     name="cpu",
     max_docs_per_source=None, max_bytes_per_source=3_000_000, heldout_percent=5, record_chars=3000,
@@ -131,12 +139,13 @@ CPU = Scale(
                intermediate_size=384, max_position_embeddings=1024),
     pretrain_seq_len=256, pretrain_batch=16, pretrain_steps=320, pretrain_lr=2e-3, pretrain_warmup=30,
     aux_loss_coef=0.01, pretrain_eval_windows=32,
-    seq_len=256, batch_size=8, steps=60, lr_grid=(1e-3, 3e-3, 1e-2), mix_ratio=0.5, save_every=30,
+    seq_len=256, batch_size=8, steps=60, lr_grid=(3e-3, 1e-2), mix_ratio=0.5, save_every=30,
     max_task_records=None, score_sequences=32, eval_limit=None, eval_batch=50, max_new_tokens_cap=64,
     ppl_limit=40, pesc_adapter_dim=16,
     eval_sequences=32,  # task scores of models this small sit near 0: the validation loss carries the comparison
     # with other jobs on the two cores, a second thread waits on a busy core: one thread was 3-5x faster
     torch_threads=1,
+    seeds=(0, 1),  # the learning-rate grid runs on seed 0; seed 1 repeats every run at the chosen rate
 )
 
 SCALES = {s.name: s for s in (FULL, CPU, SMOKE)}

@@ -5,10 +5,13 @@ run inside the output folder). The section on the papers' claims is computed her
 claim is the paper's qualitative statement, the evidence is the measured comparison, and the verdict follows
 a stated rule (task scores: a difference counts when it exceeds two binomial standard errors, and a comparison
 in which every score is within two standard errors of 0 is "not testable"; perplexity, and the task
-validation loss as a perplexity ratio exp(a - b): a difference counts when it exceeds 1% relative; one seed
-unless the scale lists more, so run-to-run variation is not measured). The task validation loss (final loss of
-each ``moecraft train`` run on held-out task rows, the learning-rate criterion) measures how much of the task
-was learnt even where small models score 0 on the exact-match metrics.
+validation loss as a perplexity ratio exp(a - b): a difference counts when it exceeds 1% relative; with more
+than one seed a difference must also exceed the seed spread: the sum of the two methods' half-ranges over
+seeds). The task validation loss (final loss of each ``moecraft train`` run on held-out task rows, the
+learning-rate criterion) measures how much of the task was learnt even where small models score 0 on the
+exact-match metrics; so does the intent label alone (``intent_label``: the right one of the task's intents,
+slots ignored; against the majority-label rate of the test set). Values shown as ``m ± h`` are the mean over
+seeds and the half-range (half the max - min difference) across seeds.
 """
 
 from __future__ import annotations
@@ -118,6 +121,41 @@ def mem(r: dict) -> float | None:
     return r.get("peak_gpu_bytes") or r.get("peak_rss_bytes")
 
 
+LABEL = "intent:intent_label"  # the intent task's second metric (scores key "<task>:<metric>", experiments.collect)
+
+
+def per_seed(rows: list[dict], fn) -> list[float]:
+    """``fn`` of each seed's rows (one value for rows without a seed, like the vanilla model's)."""
+    seeds = sorted({r["seed"] for r in rows if r.get("seed") is not None})
+    vals = [fn([r for r in rows if r.get("seed") == s]) for s in seeds] if seeds else [fn(rows)]
+    return [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+
+
+def half_range(vals: list[float]) -> float:
+    return (max(vals) - min(vals)) / 2 if len(vals) > 1 else 0.0
+
+
+def spread(vals: list[float], fmt=num) -> str:
+    """``mean ± half-range`` over seeds (the mean alone for one value)."""
+    if not vals:
+        return "n/a"
+    return fmt(mean(vals)) + (f" ± {fmt(half_range(vals))}" if len(vals) > 1 else "")
+
+
+def pct_spread(vals: list[float]) -> str:
+    return "n/a" if not vals else pct(mean(vals)) + (f" ± {half_range(vals):.1f}" if len(vals) > 1 else "")
+
+
+def score_of(rows: list[dict], key: str) -> float | None:
+    s = task_score(rows, key)
+    return s["value"] if s else None
+
+
+def general_change(rows: list[dict], base: list[dict], doms: list[str]) -> float:
+    """Mean over domains of the held-out perplexity change (%) against the base model."""
+    return mean([ppl_change(rows, base, d) for d in doms])
+
+
 # ----------------------------------------------------------------------------- tables
 def tables(res: dict, cite: Cites) -> list[Table]:
     out: list[Table] = []
@@ -144,19 +182,29 @@ def tables(res: dict, cite: Cites) -> list[Table]:
                 f"Held-out rule: {res['corpus']['split_rule']}; tokenizer: byte-level BPE, "
                 f"{res['tokenizer']['vocab_size']} tokens."))
 
-    headers = ["method", "lr", *[f"{t} ({task_score(esft['vanilla'], t)['metric']})" for t in TASKS], "mean",
-               *[f"{t} val loss" for t in TASKS], "commands"]
+    out.append(side_by_side(res, cite))
+    extra = sorted({k for r in esft["vanilla"] for k in r["scores"] if ":" in k})  # e.g. the intent label
+    keys = [k for t in TASKS for k in (t, *[x for x in extra if x.startswith(t + ":")])]
+    headers = ["method", "lr", *[f"{k.split(':')[0]} ({task_score(esft['vanilla'], k)['metric']})" for k in keys],
+               "mean", *[f"{t} val loss" for t in TASKS], "commands"]
+    one = lambda x: f"{x:.1f}"  # noqa: E731
     rows = []
     for m, rs in esft.items():
         ms, s = mean_score(rs)
-        rows.append([m, num(rs[0]["lr"]), *[f"{task_score(rs, t)['value']:.1f}" for t in TASKS],
-                     f"{ms:.1f} ± {s:.1f}", *[num(val_loss([r for r in rs if r["task"] == t])) for t in TASKS],
+        rows.append([m, num(rs[0]["lr"]), *[spread(per_seed(rs, lambda x, k=k: score_of(x, k)), one) for k in keys],
+                     f"{ms:.1f} ± {s:.1f}",
+                     *[spread(per_seed([r for r in rs if r["task"] == t], val_loss)) for t in TASKS],
                      cite(*[r["train_step"] for r in rs], *[e for r in rs for e in r["eval_steps"]])])
     n_test = ", ".join(f"{t}: n={task_score(esft['vanilla'], t)['n']}" for t in TASKS)
+    majority = res.get("intent_label_majority")
     passes = ", ".join(f"{t} {d['passes']} passes over {d['unique_train_records']} rows"
                        for t, d in res["data"]["tasks"].items())
     out.append(("ESFT Table 1 in miniature: task performance (MoE model)", headers, rows,
-                f"Scores 0-100 on the test sets ({n_test}); mean ± one binomial standard error. Each fine-tuned "
+                f"Scores 0-100 on the test sets ({n_test}) as mean ± half-range over seeds; 'mean': mean over "
+                f"the tasks' own metrics ± one binomial standard error (items of all seeds pooled). "
+                + (f"intent (intent_label): the intent label alone, slots ignored (answering the test set's most "
+                   f"frequent label every time scores {majority:.1f}). " if majority is not None else "")
+                + "Each fine-tuned "
                 f"row is a model trained on that task alone, mixed {res['scale']['mix_ratio']:.0%} with alignment "
                 f"text ({passes}). Val loss: final loss of that training run on the task's validation rows "
                 f"(lower is better; not measured for the untrained model)."))
@@ -164,11 +212,12 @@ def tables(res: dict, cite: Cites) -> list[Table]:
     rows = []
     for m, rs in esft.items():
         rows.append([m, *[f"{mean([r['ppl'][d]['ppl'] for r in rs]):.2f} ({pct(ppl_change(rs, esft['vanilla'], d))})"
-                          for d in doms], pct(mean([ppl_change(rs, esft["vanilla"], d) for d in doms])),
+                          for d in doms], pct_spread(per_seed(rs, lambda x: general_change(x, esft["vanilla"], doms))),
                      cite(*[r["ppl"][d]["step"] for r in rs for d in doms])])
     out.append(("ESFT Table 2 in miniature: general ability kept (held-out perplexity per pretraining domain)",
                 ["method", *[f"{d} ppl (change)" for d in doms], "mean change", "commands"], rows,
-                "Lower is better; averaged over the per-task models; change relative to the vanilla model. The "
+                "Lower is better; averaged over the per-task models (and seeds; mean change ± half-range over seeds); "
+                "change relative to the vanilla model. The "
                 "alignment stand-in mixed into training is training-split text of these domains, so fine-tuning also "
                 "continues pretraining and perplexity can fall below the vanilla model's."))
 
@@ -211,6 +260,14 @@ def tables(res: dict, cite: Cites) -> list[Table]:
             for t, fns in res["selection"].items() for fn, s in fns.items()]
     out.append(("ESFT expert selection (eq. 8, the paper's p)", ["task", "score", "p", "routed experts selected",
                                                                  "per MoE layer", "commands"], rows, ""))
+    if res.get("two_stage"):
+        rows = [[t["task"], str(t["seed"]), str(t["base_selected"]), str(t["selected"]), str(t["shared"]),
+                 cite(t["step"])] for t in res["two_stage"]]
+        out.append(("Two-stage selection: experts chosen after router tuning vs on the base model",
+                    ["task", "seed", "experts (base model, gate)", "experts (router-tuned model, gate)",
+                     "in both", "commands"], rows,
+                    "Same scoring sample and p; the router-tuned model is the 'router' run of that task and seed, "
+                    "merged into the base (moecraft merge); the two-stage row trains these experts of the base."))
 
     pr = res["probe"]
     rows = [[lab, *[f"{v:.2f}" for v in row]] for lab, row in zip(pr["labels"], pr["shared_top_k"])]
@@ -230,15 +287,19 @@ def tables(res: dict, cite: Cites) -> list[Table]:
     out.append(("Learning-rate choice (validation loss)", ["model", "method", "lr", "final validation loss", "chosen",
                                                            "commands"], rows,
                 "As in the paper, one rate per method from a small grid; chosen on the first task (MoE) or the mix "
-                "(dense)." + (" Chosen at an edge of the grid, so the best rate may lie beyond it: " + ", ".join(edge)
+                "(dense), seed " + str(res["scale"]["seeds"][0]) + "; the other seeds reuse it."
+                + (f" Expert-selective variants (esft-lora, esft-router, router): reduced grid "
+                   f"{res['scale']['variant_lr_grid']}; two-stage uses esft-gate's rate." if res["scale"].get("variant_lr_grid")
+                   else "") + (" Chosen at an edge of the grid, so the best rate may lie beyond it: " + ", ".join(edge)
                               + "." if edge else "")))
 
     rows = []
     for m, rs in pesc.items():
         ms, s = mean_score(rs)
         tp = mean([r["trainable_params"] for r in rs])
-        rows.append([m, num(rs[0]["lr"]), *[f"{task_score(rs, t)['value']:.1f}" for t in TASKS], f"{ms:.1f} ± {s:.1f}",
-                     num(val_loss(rs)), *[pct(ppl_change(rs, pesc["vanilla"], d)) for d in doms], num(tp, "params"),
+        rows.append([m, num(rs[0]["lr"]), *[spread(per_seed(rs, lambda x, t=t: score_of(x, t)), one) for t in TASKS],
+                     f"{ms:.1f} ± {s:.1f}", spread(per_seed(rs, val_loss)),
+                     *[pct(ppl_change(rs, pesc["vanilla"], d)) for d in doms], num(tp, "params"),
                      f"{100 * tp / dense_total:.2f}%", num(mean([r.get("step_s") for r in rs]), "s"),
                      num(mean([mem(r) for r in rs]), "B"), num(mean([r["artifact_bytes"] for r in rs]), "B"),
                      cite(*[r["train_step"] for r in rs], *[e for r in rs for e in r["eval_steps"]])])
@@ -251,6 +312,43 @@ def tables(res: dict, cite: Cites) -> list[Table]:
     return out
 
 
+def side_by_side(res: dict, cite: Cites) -> Table:
+    """Every MoE method in one table: cost (parameters, step time, memory) next to task fit (validation loss,
+    intent label) and general ability kept (held-out perplexity change), with the seed spread."""
+    esft, doms = grouped(res["esft"]), res["domains"]
+    total = res["models"]["moe"]["parameters"]["total"]
+    gpu = any(r.get("peak_gpu_bytes") for r in res["esft"])
+    one = lambda x: f"{x:.1f}"  # noqa: E731
+    rows = []
+    for m, rs in esft.items():
+        if m == "vanilla":
+            rows.append([m, "", "0", "", "", "", *["n/a" for _ in TASKS], spread(per_seed(rs, lambda x: score_of(x, LABEL)), one),
+                         "+0.0%", cite(*[e for r in rs for e in r["eval_steps"]])])
+            continue
+        tp = mean([r["trainable_params"] for r in rs])
+        rows.append([m, num(rs[0]["lr"]), num(tp, "params"), f"{100 * tp / total:.2f}%",
+                     spread(per_seed(rs, lambda x: mean([r["step_s"] for r in x])), lambda v: num(v, "s")),
+                     spread(per_seed(rs, lambda x: mean([mem(r) for r in x])), lambda v: num(v, "B")),
+                     *[spread(per_seed([r for r in rs if r["task"] == t], val_loss)) for t in TASKS],
+                     spread(per_seed(rs, lambda x: score_of(x, LABEL)), one),
+                     pct_spread(per_seed(rs, lambda x: general_change(x, esft["vanilla"], doms))),
+                     cite(*[r["train_step"] for r in rs], *[e for r in rs for e in r["eval_steps"]])])
+    seeds = res["scale"]["seeds"]
+    return ("Methods side by side (MoE model): cost, task fit, general ability",
+            ["method", "lr", "trainable parameters", "of all", "step time", "peak GPU memory" if gpu else "peak RSS",
+             *[f"{t} val loss" for t in TASKS], "intent label (0-100)", "general: held-out ppl change", "commands"],
+            rows,
+            f"Seeds {', '.join(map(str, seeds))}: mean ± half-range over seeds (step time and memory: means over the "
+            "tasks). Trainable parameters: those the optimiser updates. esft-lora: LoRA (r 8, alpha 16) on the "
+            "ESFT-Gate experts only (MoE-Sieve); esft-router: ESFT-Gate plus the routers of the layers with selected "
+            "experts (CEFT); router: the routers alone; two-stage: ESFT-Gate's training on the experts selected with "
+            "the router-tuned model (see the two-stage selection table). Val loss: final loss on the task's "
+            f"validation rows (lower is better); intent label: share of the {(task_score(esft['vanilla'], LABEL) or {}).get('n')} "
+            "intent test rows whose answer names the right intent (always answering the most frequent label: "
+            f"{res.get('intent_label_majority', math.nan):.1f}); general: mean "
+            "over the pretraining domains of the held-out perplexity change against the vanilla model.")
+
+
 # ----------------------------------------------------------------------------- claims
 def claims(res: dict) -> list[tuple[str, str, str]]:
     """(paper's claim, measured evidence, verdict) triples, all computed from ``res``."""
@@ -258,39 +356,87 @@ def claims(res: dict) -> list[tuple[str, str, str]]:
     doms = res["domains"]
     out = []
 
+    def verdict(diff: float, noise: float, comparable: bool, why: str) -> str:
+        """``diff`` > 0 favours the claim; it counts beyond ``noise`` (2 SE, 1%, or the seed spread)."""
+        if comparable:
+            return "holds" if diff >= -noise else "does not hold"
+        return "holds" if diff > noise else "does not hold" if diff < -noise else f"inconclusive (within {why})"
+
+    def seeds_note(spread_: float) -> str:
+        return f", seed spread {spread_:.2g}" if spread_ > 0 else ""
+
     def score_claim(claim: str, a: list[dict], b: list[dict], na: str, nb: str, comparable: bool) -> None:
         (sa, ea), (sb, eb) = mean_score(a), mean_score(b)
         diff, err = sa - sb, math.sqrt(ea**2 + eb**2)
+        sp = sum(half_range(per_seed(x, lambda y: mean_score(y)[0])) for x in (a, b))
         if at_floor(a, b):
             v = "not testable here: every task score of both is within 2 SE of 0"
-        elif comparable:
-            v = "holds" if diff >= -2 * err else "does not hold"
         else:
-            v = "holds" if diff > 2 * err else "does not hold" if diff < -2 * err else "inconclusive (within 2 SE)"
-        out.append((claim, f"mean task score {na} {sa:.1f} vs {nb} {sb:.1f} (difference {diff:+.1f}, 2 SE = {2 * err:.1f})", v))
+            v = verdict(diff, max(2 * err, sp), comparable, "2 SE or the seed spread")
+        out.append((claim, f"mean task score {na} {sa:.1f} vs {nb} {sb:.1f} (difference {diff:+.1f}, 2 SE = "
+                           f"{2 * err:.1f}{seeds_note(sp)})", v))
+
+    def label_claim(claim: str, a: list[dict], b: list[dict], na: str, nb: str, comparable: bool) -> None:
+        ta, tb = task_score(a, LABEL), task_score(b, LABEL)
+        if not ta or not tb:
+            return
+        diff, err = ta["value"] - tb["value"], math.sqrt(se(ta) ** 2 + se(tb) ** 2)
+        sp = sum(half_range(per_seed(x, lambda y: score_of(y, LABEL))) for x in (a, b))
+        maj = res.get("intent_label_majority")
+        if all(t["value"] <= 2 * se(t) for t in (ta, tb)):
+            v = "not testable here: both within 2 SE of 0"
+        else:
+            v = verdict(diff, max(2 * err, sp), comparable, "2 SE or the seed spread")
+            if maj is not None and all(t["value"] <= maj + 2 * se(t) for t in (ta, tb)):
+                v += (f" (neither beats always answering the most frequent label, {maj:.1f}: this compares "
+                      "learning the answer format, not the classification)")
+        out.append((claim + " [intent label]", f"intent label {na} {ta['value']:.1f} vs {nb} {tb['value']:.1f} "
+                                               f"(difference {diff:+.1f}, 2 SE = {2 * err:.1f}{seeds_note(sp)})", v))
 
     def loss_claim(claim: str, a: list[dict], b: list[dict], na: str, nb: str, comparable: bool) -> None:
         la, lb = val_loss(a), val_loss(b)
         ratio = 100 * (math.exp(la - lb) - 1)  # task perplexity of a relative to b
-        if comparable:
-            v = "holds" if ratio <= 1 else "does not hold"
-        else:
-            v = "holds" if ratio < -1 else "does not hold" if ratio > 1 else "inconclusive (within 1%)"
+        sp = sum(half_range(per_seed(x, val_loss)) for x in (a, b))
+        v = verdict(lb - la, max(math.log(1.01), sp), comparable, "1% or the seed spread")
         out.append((claim + " [task validation loss]", f"validation loss {na} {la:.3f} vs {nb} {lb:.3f} "
-                                                       f"(task perplexity {pct(ratio)})", v))
+                                                       f"(task perplexity {pct(ratio)}{seeds_note(sp)})", v))
 
     def forget_claim(claim: str, a: list[dict], b: list[dict], base: list[dict], na: str, nb: str) -> None:
-        ca, cb = (mean([ppl_change(x, base, d) for d in doms]) for x in (a, b))
-        v = "holds" if ca < cb - 1 else "does not hold" if ca > cb + 1 else "inconclusive (within 1%)"
-        out.append((claim, f"held-out perplexity change vs vanilla: {na} {pct(ca)}, {nb} {pct(cb)}", v))
+        ca, cb = (general_change(x, base, doms) for x in (a, b))
+        sp = sum(half_range(per_seed(x, lambda y: general_change(y, base, doms))) for x in (a, b))
+        v = verdict(cb - ca, max(1.0, sp), False, "1% or the seed spread")
+        out.append((claim, f"held-out perplexity change vs vanilla: {na} {pct(ca)}, {nb} {pct(cb)}"
+                           + (f" (seed spread {sp:.1f} points)" if sp else ""), v))
 
     for m in ("esft-gate", "esft-token"):
-        for measure in (score_claim, loss_claim):
+        for measure in (score_claim, label_claim, loss_claim):
             measure(f"{m} reaches task performance comparable to (or better than) FFT (Table 1)",
                     esft[m], esft["fft"], m, "fft", comparable=True)
-        for measure in (score_claim, loss_claim):
+        for measure in (score_claim, label_claim, loss_claim):
             measure(f"{m} outperforms LoRA on the tasks (Table 1)", esft[m], esft["lora"], m, "lora", comparable=False)
         forget_claim(f"{m} keeps general ability better than FFT (Table 2)", esft[m], esft["fft"], esft["vanilla"], m, "fft")
+    # expert-selective variants (not in the ESFT paper: the claims of the papers that propose them)
+    if esft.get("esft-lora") and esft.get("esft-gate"):
+        for measure in (label_claim, loss_claim):
+            measure("MoE-Sieve: LoRA on the selected experts fits the task about as well as training them fully "
+                    "(esft-lora vs esft-gate)", esft["esft-lora"], esft["esft-gate"], "esft-lora", "esft-gate",
+                    comparable=True)
+        pa, pb = (mean([r["trainable_params"] for r in esft[m]]) for m in ("esft-lora", "esft-gate"))
+        out.append(("MoE-Sieve: LoRA on the selected experts trains far fewer parameters than ESFT-Gate", f"esft-lora {num(pa, 'params')} vs esft-gate "
+                    f"{num(pb, 'params')} ({pct(100 * (pa / pb - 1))})", "holds" if pa < pb else "does not hold"))
+    if esft.get("esft-router") and esft.get("esft-gate"):
+        for measure in (label_claim, loss_claim):
+            measure("CEFT: also training the routers of the selected layers improves ESFT on the task "
+                    "(esft-router vs esft-gate)", esft["esft-router"], esft["esft-gate"], "esft-router", "esft-gate",
+                    comparable=False)
+    if esft.get("two-stage") and esft.get("esft-gate"):
+        for measure in (label_claim, loss_claim):
+            measure("Router Lens / CEFT: experts selected after router tuning serve ESFT better than those of the base "
+                    "model (two-stage vs esft-gate)", esft["two-stage"], esft["esft-gate"], "two-stage", "esft-gate",
+                    comparable=False)
+    for m in ("esft-lora", "esft-router", "router", "two-stage"):
+        if esft.get(m):
+            forget_claim(f"{m} keeps general ability better than FFT", esft[m], esft["fft"], esft["vanilla"], m, "fft")
     for m in ("esft-gate", "esft-token"):
         a, f = esft[m], esft["fft"]
         for what, key in (("storage (artifact size)", "artifact_bytes"), ("training time (step time)", "step_s"),
@@ -442,6 +588,21 @@ def stage_walls(layout: Layout) -> tuple[list[str], dict[str, float]]:
     return sorted({r["command"] for r in rows}), dict(walls)
 
 
+def command_span(layout: Layout) -> str:
+    """When the logged moecraft commands ran (start of the first to end of the last), for runs whose experiments
+    stage was split over calls or parts (``run.py --parts``)."""
+    import datetime as dt
+
+    path = layout.root / "commands.jsonl"
+    rows = read_jsonl(path) if path.is_file() else []
+    if not rows:
+        return ""
+    ends = [dt.datetime.strptime(r["finished"], "%Y-%m-%d %H:%M:%S") for r in rows]
+    start = min(e - dt.timedelta(seconds=r["wall_s"]) for e, r in zip(ends, rows))
+    return (f" The moecraft commands ran from {start:%H:%M} to {max(ends):%H:%M} "
+            f"({(max(ends) - start).total_seconds() / 60:.0f} min, local time of the machine).")
+
+
 def header(layout: Layout, res: dict) -> tuple[str, str]:
     """(Markdown banner, one-line meta) stating scale, machine, seeds, sizes and the commands that ran."""
     sc, mach, models = res["scale"], res["machine"], res["models"]
@@ -467,13 +628,15 @@ def header(layout: Layout, res: dict) -> tuple[str, str]:
                      + "The verdicts say what this miniature shows, not whether the papers hold at their scale.**")
     lines.append(meta)
     lines.append(f"Models: {sizes}. Fine-tuning: {sc['steps']} steps of {sc['batch_size']} x {sc['seq_len']} tokens, "
-                 f"learning rate from {list(sc['lr_grid'])}.")
+                 f"learning rate from {list(sc['lr_grid'])}"
+                 + (f" (expert-selective variants: {list(sc['variant_lr_grid'])})" if sc.get("variant_lr_grid") else "")
+                 + (f"; PESC comparison on seeds {list(sc['pesc_seeds'])}" if sc.get("pesc_seeds") else "") + ".")
     if commands:
         repeat = any("--time-budget" in c for c in commands)  # exit 3 = budget spent, same call again
         lines.append(("Command (repeated until it exited 0): " if repeat else "Command: ")
                      + "; ".join(f"`{c}`" for c in commands) + ". Wall time per stage: "
                      + ", ".join(f"{st} {w / 60:.1f} min" for st, w in walls.items())
-                     + f" (total {sum(walls.values()) / 60:.0f} min).")
+                     + f" (total {sum(walls.values()) / 60:.0f} min)." + command_span(layout))
     return "\n\n".join(lines), meta
 
 

@@ -37,7 +37,7 @@ def done_markers(layout: Layout) -> dict[str, list[Path]]:
 
 
 def run_stage(stage: str, layout: Layout, scale: Scale, budget: Budget, mode: str, command: str,
-              publish: bool = False) -> None:
+              publish: bool = False, parts: tuple[str, ...] = experiments.PARTS) -> None:
     t0 = time.monotonic()
     print(f"== stage {stage} ({scale.name}) -> {layout.root}", flush=True)
     markers = done_markers(layout)
@@ -57,7 +57,9 @@ def run_stage(stage: str, layout: Layout, scale: Scale, budget: Budget, mode: st
             if not status["done"]:
                 raise OutOfTime(f"pretrain {kind}")
     elif stage == "experiments":
-        experiments.run(layout, scale, Runner(layout.root, mode, budget, threads=scale.torch_threads))
+        experiments.run(layout, scale, Runner(layout.root, mode, budget, threads=scale.torch_threads), parts)
+        if set(parts) != set(experiments.PARTS):
+            return  # some commands only: the stage is done when a call with every part has gathered the numbers
     else:
         for path in report.write(layout, publish=publish):
             print(f"  wrote {path}", flush=True)
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--stage", choices=("all", *STAGES), default="all")
     parser.add_argument("--scale", choices=tuple(SCALES), default=None,
-                        help="sizes from common.py: full (one GPU), cpu (~1 h on 2 cores), smoke (seconds)")
+                        help="sizes from common.py: full (one GPU), cpu (~1.5 h on 2 cores), smoke (seconds)")
     parser.add_argument("--smoke", action="store_true", help="same as --scale smoke (the test suite's)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/replicate[-<scale>])")
     parser.add_argument("--publish", action=argparse.BooleanOptionalAction, default=None,
@@ -81,7 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exec", dest="mode", choices=("subprocess", "inprocess", "hybrid"), default=None,
                         help="how moecraft commands run (default: subprocess; hybrid with --scale cpu, inprocess "
                              "with --smoke)")
+    parser.add_argument("--parts", default=",".join(experiments.PARTS),
+                        help="experiments stage: only these of its parts (moe: selection, ESFT rows, probe; pesc: "
+                             "the dense comparison; late: router-only and two-stage rows); they share no command, so "
+                             "two calls with different parts can run at once; a call with all of them gathers the "
+                             "numbers")
     args = parser.parse_args(argv)
+    parts = tuple(p for p in args.parts.split(",") if p)
+    if not parts or set(parts) - set(experiments.PARTS):
+        parser.error(f"--parts: choose from {','.join(experiments.PARTS)}, got {args.parts!r}")
     if args.smoke and args.scale not in (None, "smoke"):
         parser.error("--smoke contradicts --scale " + args.scale)
     scale = SCALES["smoke" if args.smoke else args.scale or "full"]
@@ -101,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python bench/replicate/run.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     try:
         for stage in STAGES if args.stage == "all" else (args.stage,):
-            run_stage(stage, layout, scale, budget, mode, command, publish)
+            run_stage(stage, layout, scale, budget, mode, command, publish, parts)
     except OutOfTime as exc:
         print(f"time budget spent during {exc}; run the same command again to continue", flush=True)
         return MORE_TO_DO

@@ -1,4 +1,5 @@
-"""Task metrics: exact match, ESFT intent JSON match, GSM8K-style numeric answer, BLEU/chrF, ROUGE.
+"""Task metrics: exact match, ESFT intent JSON match (and its intent label alone), GSM8K-style numeric answer,
+BLEU/chrF, ROUGE.
 
 Per-example metrics take ``(prediction, references)`` and return a float in [0, 1]; the score of an
 example is its best over the references. Corpus metrics (BLEU, chrF, ROUGE-L) take the whole lists.
@@ -76,6 +77,37 @@ def intent_match(prediction: str, reference: str) -> float:
     )
 
 
+# an "intent" string field anywhere in the text (JSON string escapes allowed inside the value)
+_INTENT_FIELD = re.compile(r'"intent"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def intent_label(text: str) -> str | None:
+    """The intent label of an answer: the ``intent`` string of the first JSON object that has one, else of
+    the first ``"intent": "..."`` field in the text (a truncated or broken answer still names its label)."""
+    obj = parse_json_object(text)
+    if obj is not None and isinstance(obj.get("intent"), str):
+        return obj["intent"]
+    m = _INTENT_FIELD.search(text)
+    if m is None:
+        return None
+    try:
+        return json.loads(f'"{m.group(1)}"')
+    except json.JSONDecodeError:  # a bad escape: compare the raw text
+        return m.group(1)
+
+
+def intent_label_match(prediction: str, reference: str) -> float:
+    """1.0 iff the prediction names the reference's intent label, slots ignored (:func:`intent_label`).
+
+    The ESFT intent rule (:func:`intent_match`) also needs every slot right; this half of it lets a model
+    too small to get the slots right still show whether it learnt the classification.
+    """
+    ref = intent_label(reference)
+    if ref is None:
+        raise MoecraftError(f"reference names no intent: {reference[:80]!r}")
+    return float(intent_label(prediction) == ref)
+
+
 _NUM = r"-?\d[\d,]*(?:\.\d+)?"
 
 
@@ -141,6 +173,7 @@ class _RougeTokenizer:
 EXAMPLE_METRICS: dict[str, Callable[[str, str], float]] = {
     "exact_match": exact_match,
     "intent_json": intent_match,
+    "intent_label": intent_label_match,
     "numeric": numeric_match,
 }
 CORPUS_METRICS: dict[str, Callable[[Sequence[str], Sequence[Sequence[str]]], float]] = {

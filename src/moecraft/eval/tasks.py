@@ -109,17 +109,17 @@ def load_items(source: str, tokenizer, limit: int | None = None, chat_template: 
 
 
 def infer_metrics(source: str, items: list[EvalItem]) -> list[str]:
-    """The metric a task is judged by when none is given: code -> pass@1; intent JSON -> intent_json;
-    GSM8K-style or bare-number answers -> numeric; otherwise exact match."""
+    """The metrics a task is judged by when none are given: code -> pass@1; intent JSON -> intent_json and
+    intent_label (the label alone); GSM8K-style or bare-number answers -> numeric; otherwise exact match."""
     if source.startswith("builtin:intent"):
-        return ["intent_json"]
+        return ["intent_json", "intent_label"]
     if source.startswith("builtin:arithmetic"):
         return ["numeric"]
     if items and all(it.is_code for it in items):
         return ["code_pass@1"]
     refs = [r for it in items for r in it.references]
     if refs and all((o := parse_json_object(r)) is not None and "intent" in o for r in refs):
-        return ["intent_json"]
+        return ["intent_json", "intent_label"]
     if refs and all("####" in r or _is_number(r) for r in refs):
         return ["numeric"]
     return ["exact_match"]
