@@ -702,7 +702,7 @@ def test_chat_template_error_fails_before_the_model_loads(capsys, tmp_path):
     assert msg == f"{data}: record 4: {rejected}"
 
 
-def test_chat_template_kwargs_not_a_json_object(capsys, tmp_path):
+def test_chat_template_kwargs_not_a_json_object(capsys, tmp_path, monkeypatch):
     out = tmp_path / "run"
     msg = fails(capsys, "train", "--model", "tiny:qwen3_moe", "--data", "builtin:intent", "--out", out,
                 "--method", "fft", "--max-steps", "1", "--chat-template-kwargs", "enable_thinking=false")
@@ -711,6 +711,17 @@ def test_chat_template_kwargs_not_a_json_object(capsys, tmp_path):
     assert files_under(out) == []
     assert fails(capsys, *SCORE, "--chat-template-kwargs", "[1]").startswith(
         "option 'chat_template_kwargs' expects a JSON object")
+    # eval and generate render their prompts with the same options: the same line, before the model loads
+    loads = []
+    monkeypatch.setattr("moecraft.models.load_model", lambda *a, **k: loads.append(a) or (_ for _ in ()).throw(
+        AssertionError("the model was loaded")))
+    evals = tmp_path / "eval"
+    assert fails(capsys, "eval", "--model", "tiny:qwen3_moe", "--out", evals, "--chat-template-kwargs",
+                 "enable_thinking=false") == msg
+    assert not evals.exists() and files_under(tmp_path) == []
+    assert fails(capsys, "generate", "--model", "tiny:qwen3_moe", "--prompt", "hi", "--chat-template-kwargs",
+                 "[1]").startswith("option 'chat_template_kwargs' expects a JSON object")
+    assert loads == []
 
 def test_library_below_the_supported_versions(capsys, tmp_path, monkeypatch):
     real = compat.version_of
