@@ -39,23 +39,25 @@ DEFAULT_P = {"gate": 0.1, "token": 0.2}
 _EPS = 1e-12
 
 
+def _in_unit_interval(value: float, what: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value) or not 0.0 < value <= 1.0:
+        raise MoecraftError(f"{what} must be in (0, 1], got {value!r}")
+    return float(value)
+
+
 def check_p(p: float) -> float:
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or math.isnan(p) or not 0.0 < p <= 1.0:
-        raise MoecraftError(f"threshold p must be in (0, 1], got {p!r}")
-    return float(p)
+    return _in_unit_interval(p, "threshold p")
 
 
 def check_share(share: float) -> float:
-    if (not isinstance(share, (int, float)) or isinstance(share, bool) or math.isnan(share)
-            or not 0.0 < share <= 1.0):
-        raise MoecraftError(f"top_share must be in (0, 1], got {share!r}")
-    return float(share)
+    return _in_unit_interval(share, "top_share")
 
 
-def top_share_count(share: float, n_experts: int) -> int:
-    """ceil(share * n_experts), on the decimal value of ``share`` as written: 0.3 of 10 experts is 3, not
-    the 4 that float rounding (0.3 * 10 = 3.0000000000000004) would give."""
-    return math.ceil(Fraction(repr(check_share(share))) * n_experts)
+def top_share_count(share: float, n_experts: int, max_experts: int | None = None) -> int:
+    """ceil(share * n_experts), capped by ``max_experts``, on the decimal value of ``share`` as written: 0.3
+    of 10 experts is 3, not the 4 that float rounding (0.3 * 10 = 3.0000000000000004) would give."""
+    n = math.ceil(Fraction(repr(check_share(share))) * n_experts)
+    return n if max_experts is None else min(n, max_experts)
 
 
 def select_top_share(scores: torch.Tensor, share: float, max_experts: int | None = None) -> list[int]:
@@ -68,9 +70,7 @@ def select_top_share(scores: torch.Tensor, share: float, max_experts: int | None
     if max_experts is not None and max_experts < 1:
         raise MoecraftError(f"max_experts must be >= 1, got {max_experts}")
     s = scores.detach().to(torch.float64).flatten()
-    n = top_share_count(share, len(s))
-    if max_experts is not None:
-        n = min(n, max_experts)
+    n = top_share_count(share, len(s), max_experts)
     return torch.sort(-s, stable=True).indices[:n].tolist()
 
 
@@ -402,9 +402,7 @@ def _select(cfg: SelectConfig, scores) -> ExpertConfig:
 
 def _rule(cfg: ExpertConfig) -> str:
     if cfg.top_share is not None:
-        n = top_share_count(cfg.top_share, cfg.num_experts)
-        if cfg.max_experts_per_layer is not None:
-            n = min(n, cfg.max_experts_per_layer)
+        n = top_share_count(cfg.top_share, cfg.num_experts, cfg.max_experts_per_layer)
         return f"{cfg.score_function} score, top share {cfg.top_share} ({n} of {cfg.num_experts} experts per layer)"
     return f"{cfg.score_function} score, p={cfg.p}{' (normalised)' if cfg.normalized else ''}"
 
