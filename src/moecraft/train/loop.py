@@ -435,6 +435,12 @@ class _Loop:
         self.last: dict = {}  # the latest metrics line
         self.tokens = 0  # tokens seen by every process since this run (not the resumed one) started
 
+    def record(self, line: dict) -> None:
+        """One metrics line (main process): appended to metrics.jsonl and given to the trackers."""
+        with self.metrics_path.open("a") as fh:
+            fh.write(json.dumps(line) + "\n")
+        self.tracking.log(line)
+
     def checkpoint(self) -> Path:
         """Save a checkpoint of the current step (collective), once the weights are checked finite."""
         check_finite_weights(self.opt.model, self.engine.accelerator, self.step, self.out, "the checkpoint")
@@ -461,9 +467,7 @@ class _Loop:
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                 last["eval_loss"] = eval_loss(self.opt.model, self.eval_seqs, self.pad_id, engine.device)
             if engine.main and (step % cfg.log_every == 0 or "eval_loss" in last):
-                with self.metrics_path.open("a") as fh:
-                    fh.write(json.dumps(last) + "\n")
-                self.tracking.log(last)
+                self.record(last)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{cur_lr:.2e}", tok_s=f"{last['tokens_per_s'] or 0:.0f}")
             bar.update(1)
             if "eval_loss" in last:
@@ -543,9 +547,7 @@ def _save_artifact(cfg: TrainConfig, method, engine: _Engine, opt: _Optimisation
     with gathered(unwrapped, deepspeed=engine.deepspeed):
         if main:
             final = {"step": step, "eval_loss": final_eval, "final": True}
-            with loop.metrics_path.open("a") as fh:
-                fh.write(json.dumps(final) + "\n")
-            loop.tracking.log(final)
+            loop.record(final)
             loop.tracking.finish()  # before the folder is marked finished: the trackers write as they close
             (out / "artifact.json").unlink(missing_ok=True)  # a resumed finished run: stale until rewritten
             method.save(unwrapped, out, cfg)
